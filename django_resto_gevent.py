@@ -1,0 +1,1318 @@
+"""Replicated media storage for Django, on gevent.
+
+django_resto_gevent keeps a Django site's uploaded media files replicated on
+several media servers over plain HTTP (PUT, DELETE, HEAD and GET, as nginx
+serves them with ``dav_methods PUT DELETE``). It is the successor of
+django-resto: switching is a matter of changing the import path.
+
+Three storage backends:
+
+- ``HybridStorage`` saves to ``MEDIA_ROOT`` (the master copy), then uploads the
+  file to every media host before ``save()`` returns.
+- ``AsyncStorage`` does the same, but uploads in the background.
+- ``DistributedStorage`` stores on the media hosts only, with no local copy.
+
+Configure with ``RESTO_*`` settings or the constructor keywords of the same
+meaning (``STORAGES[alias]["OPTIONS"]``)::
+
+    STORAGES = {
+        "default": {
+            "BACKEND": "django_resto_gevent.HybridStorage",
+            "OPTIONS": {"hosts": ["media1:80", "media2:80"]},
+        },
+        "staticfiles": {...},
+    }
+
+Requests to the hosts fan out in parallel: on greenlets of a gevent pool in a
+process whose sockets gevent patched (``gunicorn -k gevent``), and on threads
+elsewhere (``manage.py``, ``runserver``, Celery). Patching is the
+application's job; importing this module changes nothing.
+
+Runtime dependencies: Django, gevent, urllib3 and the standard library.
+Licence: BSD-3-Clause.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncStorage",
+    "DefaultTransport",
+    "DistributedStorage",
+    "HostResult",
+    "HybridStorage",
+    "MediaServer",
+    "ReplicationError",
+    "RestoError",
+    "TransportError",
+    "UnexpectedStatusCode",
+    "get_setting",
+    "main",
+]
+
+import argparse
+import concurrent.futures
+import errno
+import inspect
+import io
+import logging
+import os
+import random
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections import namedtuple
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+
+import gevent
+import gevent.pool
+import gevent.pywsgi
+import urllib3
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
+from django.core.files import File
+from django.core.files.storage import FileSystemStorage, Storage
+from django.utils.deconstruct import deconstructible
+from django.utils.encoding import filepath_to_uri
+from gevent import monkey
+
+logger = logging.getLogger("django_resto_gevent")
+
+
+###############################################################################
+# Settings
+###############################################################################
+
+# Every setting, with the constructor keyword of the same meaning and its
+# default. Values are looked up when used, never at import or class-definition
+# time, so that override_settings() and late settings.configure() work.
+_SETTINGS = {
+    "hosts": ("RESTO_MEDIA_HOSTS", ()),
+    "fatal_exceptions": ("RESTO_FATAL_EXCEPTIONS", True),
+    "show_traceback": ("RESTO_SHOW_TRACEBACK", False),
+    "timeout": ("RESTO_TIMEOUT", 2),
+}
+
+_DEFAULTS = {setting: default for setting, default in _SETTINGS.values()}
+
+
+def get_setting(name):
+    """Return the value of a ``RESTO_*`` setting, or its default.
+
+    ``name`` may be given with or without its ``RESTO_`` prefix.
+    """
+    if not name.startswith("RESTO_"):
+        name = "RESTO_" + name
+    if name not in _DEFAULTS:
+        raise ImproperlyConfigured(
+            "Unknown django_resto_gevent setting %r. Known settings: %s."
+            % (name, ", ".join(sorted(_DEFAULTS)))
+        )
+    return getattr(settings, name, _DEFAULTS[name])
+
+
+def _check_hosts(value, source):
+    """Return the host list ``value`` as a tuple, or raise a clear error."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ImproperlyConfigured(
+            "%s must be a list of media hosts such as ['media1:80', "
+            "'http://media2:8080'], not %r." % (source, value)
+        )
+    if not value:
+        raise ImproperlyConfigured(
+            "%s is empty: django_resto_gevent has no media host to replicate "
+            "to. List your media servers, e.g. RESTO_MEDIA_HOSTS = "
+            "['media1:80', 'media2:80']." % source
+        )
+    for host in value:
+        _split_host(host, "http", source)
+    return tuple(value)
+
+
+def _check_timeout(value, source):
+    """Return the timeout ``value`` in seconds, or raise a clear error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ImproperlyConfigured(
+            "%s must be a positive number of seconds, not %r. Set e.g. "
+            "RESTO_TIMEOUT = 2." % (source, value)
+        )
+    return value
+
+
+def _check_flag(value, source):
+    """Return the boolean ``value``, or raise a clear error."""
+    if not isinstance(value, bool):
+        raise ImproperlyConfigured("%s must be True or False, not %r." % (source, value))
+    return value
+
+
+_CHECKS = {
+    "hosts": _check_hosts,
+    "fatal_exceptions": _check_flag,
+    "show_traceback": _check_flag,
+    "timeout": _check_timeout,
+}
+
+
+def _split_host(host, default_scheme, source="RESTO_MEDIA_HOSTS"):
+    """Return (scheme, netloc) for a host entry, or raise a clear error.
+
+    An entry is ``"host:port"``, whose scheme is ``default_scheme``, or a full
+    ``"http://host:port"`` / ``"https://host:port"`` URL without a path.
+    """
+    if not isinstance(host, str) or not host.strip():
+        raise ImproperlyConfigured(
+            "%s contains %r, which is not a media host. Write each host as "
+            "'host:port' or 'http://host:port'." % (source, host)
+        )
+    if "://" in host:
+        parts = urlsplit(host)
+        scheme, netloc = parts.scheme, parts.netloc
+        if scheme not in ("http", "https") or not netloc or parts.path not in ("", "/") \
+                or parts.query or parts.fragment:
+            raise ImproperlyConfigured(
+                "%s contains %r, which is not a media host URL. Write it as "
+                "'http://host:port' or 'https://host:port', without a path: "
+                "the path comes from MEDIA_URL." % (source, host)
+            )
+        return scheme, netloc
+    if "/" in host or " " in host:
+        raise ImproperlyConfigured(
+            "%s contains %r, which is not a media host. Write each host as "
+            "'host:port' or 'http://host:port'." % (source, host)
+        )
+    return default_scheme, host
+
+
+###############################################################################
+# Errors
+###############################################################################
+
+
+class RestoError(OSError):
+    """Base class of the errors of django_resto_gevent.
+
+    An ``OSError`` subclass, so that code catching ``OSError`` around storage
+    calls keeps working. Every subclass pickles.
+    """
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+    def __reduce__(self):
+        return (self.__class__.__new__, (self.__class__,), self.__dict__)
+
+
+class UnexpectedStatusCode(RestoError):
+    """A media host answered with a status code the operation does not accept."""
+
+    def __init__(self, method, url, host, status, expected=()):
+        self.method = method
+        self.url = _redact(url)
+        self.host = host
+        self.status = status
+        self.expected = tuple(expected)
+        super().__init__(
+            "%s %s answered %s, expected %s."
+            % (method, self.url, status, " or ".join(str(code) for code in self.expected))
+        )
+
+
+class TransportError(RestoError):
+    """A request to a media host failed before a status code came back."""
+
+    def __init__(self, method, url, host, reason):
+        self.method = method
+        self.url = _redact(url)
+        self.host = host
+        self.reason = reason
+        super().__init__("%s %s failed: %s" % (method, self.url, reason))
+
+
+class ReplicationError(RestoError):
+    """An operation failed on one or more media hosts.
+
+    ``failures`` lists ``(host, exception)`` pairs in host order; ``action``
+    and ``name`` say what was attempted.
+    """
+
+    def __init__(self, action, name, failures, host_count):
+        self.action = action
+        self.name = name
+        self.failures = list(failures)
+        self.host_count = host_count
+        causes = "; ".join("%s: %s" % (host, exc) for host, exc in self.failures)
+        super().__init__(
+            "Failed to %s %s on %d of %d media hosts. %s"
+            % (action, name, len(self.failures), host_count, causes)
+        )
+
+    @property
+    def hosts(self):
+        """The failed hosts, in host order."""
+        return [host for host, _ in self.failures]
+
+
+def _redact(url):
+    """Return ``url`` with any user name and password removed."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+###############################################################################
+# Transport
+###############################################################################
+
+# Sending in blocks of 256 KiB costs far less CPU per MiB than urllib3's
+# 16 KiB default, and still keeps memory constant.
+_BLOCK_SIZE = 256 * 1024
+
+# Connections kept per host. A pool may open more under load; the extra ones
+# are closed after use rather than blocking the caller.
+_CONNECTIONS_PER_HOST = 32
+
+# PoolManager keeps one connection pool per host; with fewer pools than hosts
+# it would throw connections away on every save.
+_MIN_POOLS = 16
+
+_pool_lock = threading.Lock()
+_pool_state = {"key": None, "manager": None, "num_pools": 0}
+
+
+def _sockets_patched():
+    """Tell whether gevent patched the socket module of this process."""
+    return monkey.is_module_patched("socket")
+
+
+def _pool_manager(host_count):
+    """Return this process's urllib3 PoolManager, with room for ``host_count`` pools.
+
+    It is rebuilt after fork() (sockets must not be shared with the parent)
+    and after gevent patches sockets (a pool made before would hold
+    blocking sockets).
+    """
+    key = (os.getpid(), _sockets_patched())
+    state = _pool_state
+    if state["key"] == key and state["num_pools"] >= host_count:
+        return state["manager"]
+    with _pool_lock:
+        if state["key"] != key or state["num_pools"] < host_count:
+            num_pools = max(_MIN_POOLS, host_count)
+            manager = urllib3.PoolManager(
+                num_pools=num_pools,
+                maxsize=_CONNECTIONS_PER_HOST,
+                block=False,
+                blocksize=_BLOCK_SIZE,
+                retries=False,
+            )
+            state.update(key=key, manager=manager, num_pools=num_pools)
+        return state["manager"]
+
+
+class DefaultTransport:
+    """Talk HTTP to media hosts: one method per operation, one verb each.
+
+    ``base_url`` gives the path under which files live on the hosts (the
+    path of ``MEDIA_URL``) and the scheme of ``"host:port"`` entries;
+    ``timeout`` bounds connecting and each read, in seconds.
+    """
+
+    def __init__(self, base_url=None, timeout=None, host_count=1):
+        self.base_url = settings.MEDIA_URL if base_url is None else base_url
+        self.timeout = get_setting("TIMEOUT") if timeout is None else timeout
+        self.host_count = host_count
+        parts = urlsplit(self.base_url or "/")
+        self._default_scheme = parts.scheme or "http"
+        self._base_path = parts.path if parts.path.endswith("/") else parts.path + "/"
+
+    def url(self, host, name):
+        """Return the URL of ``name`` on ``host``."""
+        scheme, netloc = _split_host(host, self._default_scheme)
+        return "%s://%s%s%s" % (scheme, netloc, self._base_path, quote(name, safe="/"))
+
+    def content(self, host, name):
+        """GET ``name`` from ``host`` and return its bytes.
+
+        Raises ``FileNotFoundError`` on 404 or 410.
+        """
+        buffer = io.BytesIO()
+        self.fetch(host, name, buffer)
+        return buffer.getvalue()
+
+    def fetch(self, host, name, destination):
+        """GET ``name`` from ``host`` into the binary file ``destination``.
+
+        Streams in blocks, so memory stays constant. Returns the number of
+        bytes written; raises ``FileNotFoundError`` on 404 or 410.
+        """
+        url = self.url(host, name)
+        response = self._request("GET", url, host, preload_content=False)
+        try:
+            if response.status in (404, 410):
+                raise _not_found(name, host)
+            if response.status != 200:
+                raise UnexpectedStatusCode("GET", url, host, response.status, (200,))
+            written = 0
+            for block in response.stream(_BLOCK_SIZE):
+                destination.write(block)
+                written += len(block)
+            return written
+        except urllib3.exceptions.HTTPError as exc:
+            raise TransportError("GET", url, host, exc) from exc
+        finally:
+            # Reading to the end (or closing on error) keeps the pooled
+            # connection usable, or discards it.
+            response.drain_conn()
+            response.release_conn()
+
+    def exists(self, host, name):
+        """HEAD ``name`` on ``host``: True on 200, False on 404 or 410."""
+        url = self.url(host, name)
+        status = self._request("HEAD", url, host).status
+        if status == 200:
+            return True
+        if status in (404, 410):
+            return False
+        raise UnexpectedStatusCode("HEAD", url, host, status, (200, 404, 410))
+
+    def size(self, host, name):
+        """HEAD ``name`` on ``host`` and return its Content-Length.
+
+        Raises ``FileNotFoundError`` on 404 or 410.
+        """
+        url = self.url(host, name)
+        response = self._request("HEAD", url, host)
+        if response.status in (404, 410):
+            raise _not_found(name, host)
+        if response.status != 200:
+            raise UnexpectedStatusCode("HEAD", url, host, response.status, (200,))
+        length = response.headers.get("Content-Length", "")
+        if not length.isdigit():
+            raise TransportError("HEAD", url, host, "no valid Content-Length: %r" % length)
+        return int(length)
+
+    def create(self, host, name, content, size=None):
+        """PUT ``content`` (bytes or a binary file) as ``name`` on ``host``.
+
+        A file is sent from its current position, streamed with an explicit
+        Content-Length (``size``, or what remains of the file). Returns True
+        on 201 (created) and False on 200 or 204 (an existing file was
+        overwritten, which is logged as a warning).
+        """
+        url = self.url(host, name)
+        if size is None:
+            size = _remaining_size(content)
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        status = self._request("PUT", url, host, body=content, headers=headers).status
+        if status == 201:
+            return True
+        if status in (200, 204):
+            logger.warning("PUT on existing file %s on %s.", name, host)
+            return False
+        raise UnexpectedStatusCode("PUT", url, host, status, (201, 200, 204))
+
+    def delete(self, host, name):
+        """DELETE ``name`` on ``host``.
+
+        Returns True on 200 or 204, False on 404 or 410 (the file was already
+        gone, which is logged as a warning).
+        """
+        url = self.url(host, name)
+        status = self._request("DELETE", url, host).status
+        if status in (200, 204):
+            return True
+        if status in (404, 410):
+            logger.warning("DELETE on missing file %s on %s.", name, host)
+            return False
+        raise UnexpectedStatusCode("DELETE", url, host, status, (200, 204, 404, 410))
+
+    def _request(self, method, url, host, body=None, headers=None, preload_content=True):
+        """Send one request; wrap every failure to get an answer in TransportError."""
+        manager = _pool_manager(self.host_count)
+        try:
+            return manager.urlopen(
+                method,
+                url,
+                body=body,
+                headers=headers,
+                timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
+                retries=False,
+                redirect=False,
+                preload_content=preload_content,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransportError(method, url, host, exc) from exc
+
+
+def _not_found(name, host):
+    """Return the FileNotFoundError for ``name`` missing on ``host``."""
+    return FileNotFoundError(errno.ENOENT, "%s not found on %s" % (name, host), name)
+
+
+def _remaining_size(content):
+    """Return how many bytes of ``content`` (bytes or binary file) remain to send."""
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return len(content)
+    try:
+        return os.fstat(content.fileno()).st_size - content.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        position = content.tell()
+        end = content.seek(0, os.SEEK_END)
+        content.seek(position)
+        return end - position
+
+
+class _PositionalReader:
+    """Read a slice of a file descriptor with its own position (os.pread).
+
+    Several hosts can read the same spooled upload at once without sharing a
+    file position.
+    """
+
+    def __init__(self, fd, size):
+        self._fd = fd
+        self._position = 0
+        self.size = size
+
+    def read(self, amount=-1):
+        """Read up to ``amount`` bytes (all that remain if negative)."""
+        remaining = self.size - self._position
+        if amount is None or amount < 0 or amount > remaining:
+            amount = remaining
+        data = os.pread(self._fd, amount, self._position) if amount else b""
+        self._position += len(data)
+        return data
+
+
+# Uploads of Distributed storage up to this size are kept in memory and sent
+# to every host from one buffer; larger ones are spooled to one temporary file.
+_MEMORY_SPOOL_LIMIT = 1024 * 1024
+
+
+class _Payload:
+    """The bytes of one upload, readable by several hosts at once."""
+
+    def __init__(self, content):
+        self._spool = None
+        self._data = None
+        self._fd = _regular_file_descriptor(content)
+        if self._fd is not None:
+            # A real file on disk (e.g. Django's TemporaryUploadedFile): every
+            # host reads it in place, nothing is copied.
+            self.size = os.fstat(self._fd).st_size
+            return
+        buffer = bytearray()
+        for chunk in content.chunks():
+            if isinstance(chunk, str):
+                chunk = chunk.encode()
+            if self._spool is None:
+                buffer += chunk
+                if len(buffer) > _MEMORY_SPOOL_LIMIT:
+                    self._spool = tempfile.TemporaryFile(
+                        dir=getattr(settings, "FILE_UPLOAD_TEMP_DIR", None)
+                    )
+                    self._spool.write(buffer)
+                    buffer = None
+            else:
+                self._spool.write(chunk)
+        if self._spool is None:
+            self._data = bytes(buffer)
+            self.size = len(self._data)
+        else:
+            self._spool.flush()
+            self._fd = self._spool.fileno()
+            self.size = os.fstat(self._fd).st_size
+
+    def reader(self):
+        """Return a fresh body for one host: bytes, or a positional reader."""
+        if self._data is not None:
+            return self._data
+        return _PositionalReader(self._fd, self.size)
+
+    def close(self):
+        """Remove the temporary spool, if any."""
+        if self._spool is not None:
+            self._spool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _regular_file_descriptor(content):
+    """Return the descriptor of the regular file behind ``content``, or None."""
+    try:
+        fd = content.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return fd if stat.S_ISREG(mode) else None
+
+
+###############################################################################
+# Fan-out
+###############################################################################
+
+
+class HostResult(namedtuple("HostResult", "host value error")):
+    """What one operation gave on one host: a ``value`` or an ``error``."""
+
+    __slots__ = ()
+
+    @property
+    def ok(self):
+        """True when the operation succeeded on this host."""
+        return self.error is None
+
+
+# Threads used where sockets are not patched: enough for several concurrent
+# callers each fanning out to a dozen hosts.
+_MAX_THREADS = 64
+
+_executors_lock = threading.Lock()
+_executors = {}
+
+
+def _executor(purpose):
+    """Return this process's thread pool for ``purpose`` ("fan-out" or "async").
+
+    Separate pools keep background replication from delaying the hosts of a
+    synchronous save. A pool is rebuilt after fork(), whose child has none of
+    the parent's threads.
+    """
+    key = (purpose, os.getpid())
+    executor = _executors.get(key)
+    if executor is None:
+        with _executors_lock:
+            executor = _executors.get(key)
+            if executor is None:
+                executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=_MAX_THREADS, thread_name_prefix="resto-%s" % purpose
+                )
+                _executors[key] = executor
+    return executor
+
+
+def _run_on_host(func, host, name, args):
+    """Call ``func(host, name, *args)`` and return its HostResult, never raising."""
+    try:
+        return HostResult(host, func(host, name, *args), None)
+    except Exception as exc:
+        return HostResult(host, None, exc)
+
+
+def _fan_out(func, hosts, name, *args):
+    """Run ``func(host, name, *args)`` on every host in parallel.
+
+    Greenlets of a gevent pool where sockets are patched, threads elsewhere;
+    a single host runs inline. Returns a list of HostResult in host order.
+    """
+    if len(hosts) == 1:
+        return [_run_on_host(func, hosts[0], name, args)]
+    if _sockets_patched():
+        pool = gevent.pool.Pool(len(hosts))
+        greenlets = [pool.spawn(_run_on_host, func, host, name, args) for host in hosts]
+        pool.join()
+        return [greenlet.value for greenlet in greenlets]
+    executor = _executor("fan-out")
+    futures = [executor.submit(_run_on_host, func, host, name, args) for host in hosts]
+    return [future.result() for future in futures]
+
+
+###############################################################################
+# Storages
+###############################################################################
+
+_ALLOWED_OPEN_MODES = ("rb", "br")
+
+
+def _check_name(name):
+    """Refuse a file name that could escape the storage, before any request."""
+    if not isinstance(name, str) or not name:
+        raise SuspiciousFileOperation("File name %r is not a non-empty string." % (name,))
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        raise SuspiciousFileOperation(
+            "File name %r contains a NUL or another control character." % name
+        )
+    if name.startswith(("/", "\\")) or os.path.isabs(name):
+        raise SuspiciousFileOperation(
+            "File name %r is absolute; storage names are relative paths." % name
+        )
+    if ".." in name.replace("\\", "/").split("/"):
+        raise SuspiciousFileOperation("File name %r contains a '..' component." % name)
+
+
+def _check_mode(storage, mode):
+    """Refuse an open() mode other than reading bytes."""
+    if mode not in _ALLOWED_OPEN_MODES:
+        raise ValueError(
+            "%s opens files for reading only: use mode 'rb', not %r. Write "
+            "files with save(), which replicates them." % (type(storage).__name__, mode)
+        )
+
+
+class _ReplicationMixin:
+    """What the three storages share: options, hosts, fan-out and outcome."""
+
+    transport_class = DefaultTransport
+
+    def _init_options(self, options, extra_keywords=()):
+        """Keep the django_resto_gevent keywords of ``options``; refuse unknown ones."""
+        unknown = sorted(set(options) - set(_SETTINGS) - set(extra_keywords))
+        if unknown:
+            raise ImproperlyConfigured(
+                "%s got unknown option%s %s. Valid options: %s."
+                % (
+                    type(self).__name__,
+                    "s" if len(unknown) > 1 else "",
+                    ", ".join(repr(key) for key in unknown),
+                    ", ".join(sorted(set(_SETTINGS) | set(extra_keywords) | {"base_url"})),
+                )
+            )
+        self._resto_options = {key: options[key] for key in _SETTINGS if key in options}
+
+    def _option(self, keyword):
+        """Return the value of ``keyword``: constructor keyword, else setting."""
+        setting, default = _SETTINGS[keyword]
+        value = self._resto_options.get(keyword)
+        if value is None:
+            value = getattr(settings, setting, default)
+            source = "The %s setting" % setting
+        else:
+            source = "The %r option of %s" % (keyword, type(self).__name__)
+        return _CHECKS[keyword](value, source)
+
+    @property
+    def hosts(self):
+        """The media hosts, as configured."""
+        return self._option("hosts")
+
+    @property
+    def fatal_exceptions(self):
+        """Whether a failure on any host raises (True) or is only logged."""
+        return self._option("fatal_exceptions")
+
+    @property
+    def show_traceback(self):
+        """Whether failure logs carry a traceback."""
+        return self._option("show_traceback")
+
+    @property
+    def timeout(self):
+        """Seconds allowed to connect, and for each read."""
+        return self._option("timeout")
+
+    @property
+    def transport(self):
+        """A transport for the current settings (cheap: connections are pooled per process)."""
+        hosts = self.hosts
+        return self.transport_class(
+            base_url=self.base_url, timeout=self.timeout, host_count=len(hosts)
+        )
+
+    def execute(self, func, name, *args, action=None):
+        """Run ``func(host, name, *args)`` on all media hosts in parallel.
+
+        Returns the per-host HostResult list in host order. Every failure is
+        logged; if any and RESTO_FATAL_EXCEPTIONS, raises one ReplicationError
+        naming every failed host, after all hosts have finished.
+        """
+        results = _fan_out(func, self.hosts, name, *args)
+        self._report(action or func.__name__, name, results, self.fatal_exceptions)
+        return results
+
+    def _report(self, action, name, results, fatal):
+        """Log each failed host; raise ReplicationError for them if ``fatal``."""
+        failures = [(result.host, result.error) for result in results if not result.ok]
+        if not failures:
+            return
+        show_traceback = self.show_traceback
+        for host, error in failures:
+            logger.error(
+                "Failed to %s %s on %s. %s", action, name, host, error,
+                exc_info=(type(error), error, error.__traceback__) if show_traceback else None,
+            )
+        if fatal:
+            raise ReplicationError(action, name, failures, len(results)) from failures[0][1]
+
+    def _put_local_file(self, host, name):
+        """Upload the master copy of ``name`` to ``host`` from its own file handle."""
+        with open(self.path(name), "rb") as local_file:
+            return self.transport.create(host, name, local_file)
+
+    def save(self, name, content, max_length=None):
+        """Save ``content`` as ``name`` (or a free variant) and replicate it."""
+        if name is None:
+            name = getattr(content, "name", None)
+        _check_name(name)
+        return super().save(name, content, max_length=max_length)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.deconstruct()[1:] == other.deconstruct()[1:]
+
+    def __hash__(self):
+        return hash((type(self), repr(self.deconstruct()[1:])))
+
+
+class _LocalReadsMixin(_ReplicationMixin):
+    """Hybrid and Async: reads come from the master copy in the local location."""
+
+    def __init__(self, location=None, base_url=None, **options):
+        extra = set(inspect.signature(FileSystemStorage.__init__).parameters) - {"self"}
+        self._init_options(options, extra)
+        local = {key: value for key, value in options.items() if key in extra}
+        super().__init__(location=location, base_url=base_url, **local)
+
+    def delete(self, name):
+        """Delete ``name`` locally, then on every media host."""
+        _check_name(name)
+        super().delete(name)
+        self.execute(self.transport.delete, name)
+
+    def exists(self, name):
+        """Tell whether ``name`` exists in the master copy."""
+        _check_name(name)
+        return super().exists(name)
+
+    def size(self, name):
+        """Return the size of ``name`` in the master copy."""
+        _check_name(name)
+        return super().size(name)
+
+    def open(self, name, mode="rb"):
+        """Open ``name`` from the master copy, for reading only."""
+        _check_name(name)
+        _check_mode(self, mode)
+        return super().open(name, mode)
+
+
+@deconstructible(path="django_resto_gevent.HybridStorage")
+class HybridStorage(_LocalReadsMixin, FileSystemStorage):
+    """Save to the local location (master copy), then to every media host.
+
+    ``save()`` returns once every host answered; with RESTO_FATAL_EXCEPTIONS
+    a failure on any host raises ReplicationError (the master copy stays).
+    """
+
+    def _save(self, name, content):
+        name = super()._save(name, content)
+        self.execute(self._put_local_file, name, action="create")
+        return name
+
+
+@deconstructible(path="django_resto_gevent.AsyncStorage")
+class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
+    """Save to the local location, then replicate in the background.
+
+    Failures are logged, never raised (RESTO_FATAL_EXCEPTIONS does not apply).
+    ``join()`` waits for pending replications. Override ``execute_one`` to hand
+    replication to a task queue.
+    """
+
+    def _save(self, name, content):
+        name = super()._save(name, content)
+        self.execute(self._put_local_file, name, action="create")
+        return name
+
+    def execute(self, func, name, *args, action=None):
+        """Schedule ``func(host, name, *args)`` for every host; return at once."""
+        for host in self.hosts:
+            self.execute_one(func, host, name, *args, action=action)
+
+    def execute_one(self, func, host, name, *args, action=None):
+        """Run ``func(host, name, *args)`` in the background; log a failure.
+
+        Greenlets where sockets are patched, threads elsewhere. Returns the
+        greenlet or future.
+        """
+        action = action or func.__name__
+        task = _BackgroundTask(self, func, host, name, args, action)
+        pending = self._pending_tasks()
+        if _sockets_patched():
+            handle = gevent.spawn(task)
+            pending.add(handle)
+            handle.link(pending.discard)
+        else:
+            handle = _executor("async").submit(task)
+            pending.add(handle)
+            handle.add_done_callback(pending.discard)
+        return handle
+
+    def join(self, timeout=None):
+        """Wait for every pending replication; return True if none is left."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = self._pending_tasks()
+        while pending:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            batch = list(pending)
+            greenlets = [item for item in batch if isinstance(item, gevent.Greenlet)]
+            futures = [item for item in batch if not isinstance(item, gevent.Greenlet)]
+            if greenlets:
+                gevent.joinall(greenlets, timeout=remaining)
+            if futures:
+                concurrent.futures.wait(futures, timeout=remaining)
+            # Callbacks remove finished tasks; drop them here as well in case
+            # a callback has not run yet, so the loop cannot spin.
+            for item in batch:
+                if item.ready() if isinstance(item, gevent.Greenlet) else item.done():
+                    pending.discard(item)
+        return True
+
+    def _pending_tasks(self):
+        """Return the set of this storage's background tasks."""
+        try:
+            return self._pending
+        except AttributeError:
+            self._pending = set()
+            return self._pending
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_pending", None)
+        return state
+
+
+class _BackgroundTask:
+    """One background host operation of an AsyncStorage; logs its failure."""
+
+    def __init__(self, storage, func, host, name, args, action):
+        self.storage = storage
+        self.func = func
+        self.host = host
+        self.name = name
+        self.args = args
+        self.action = action
+
+    def __call__(self):
+        result = _run_on_host(self.func, self.host, self.name, self.args)
+        self.storage._report(self.action, self.name, [result], fatal=False)
+        return result
+
+
+@deconstructible(path="django_resto_gevent.DistributedStorage")
+class DistributedStorage(_ReplicationMixin, Storage):
+    """Store files on the media hosts only, with no local copy.
+
+    Writes go to every host in parallel; reads go to one host at a time, in
+    random order, moving on when a host fails or lacks the file.
+    """
+
+    def __init__(self, hosts=None, base_url=None, **options):
+        if hosts is not None:
+            options["hosts"] = hosts
+        self._init_options(options)
+        self._base_url = base_url
+        if not self.fatal_exceptions:
+            warnings.warn(
+                "DistributedStorage with RESTO_FATAL_EXCEPTIONS = False loses "
+                "files silently when a media host fails: there is no master "
+                "copy to repair it from.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    @property
+    def base_url(self):
+        """The URL files are served from: ``base_url`` or MEDIA_URL, ending with '/'."""
+        base_url = settings.MEDIA_URL if self._base_url is None else self._base_url
+        if base_url and not base_url.endswith("/"):
+            base_url += "/"
+        return base_url
+
+    def _save(self, name, content):
+        with _Payload(content) as payload:
+            self.execute(self._put_payload, name, payload, action="create")
+        return name
+
+    def _put_payload(self, host, name, payload):
+        """Upload ``payload`` to ``host`` with a body of its own."""
+        return self.transport.create(host, name, payload.reader(), size=payload.size)
+
+    def _open(self, name, mode="rb"):
+        spool = tempfile.SpooledTemporaryFile(
+            max_size=_MEMORY_SPOOL_LIMIT, dir=getattr(settings, "FILE_UPLOAD_TEMP_DIR", None)
+        )
+
+        def fetch(host, name):
+            spool.seek(0)
+            spool.truncate()
+            return self.transport.fetch(host, name, spool)
+
+        try:
+            self._read_with_failover(fetch, name, "open")
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return File(spool, name)
+
+    def open(self, name, mode="rb"):
+        """Open ``name`` from one media host, for reading only."""
+        _check_name(name)
+        _check_mode(self, mode)
+        return super().open(name, mode)
+
+    def delete(self, name):
+        """Delete ``name`` on every media host."""
+        _check_name(name)
+        self.execute(self.transport.delete, name)
+
+    def exists(self, name):
+        """Tell whether any media host has ``name`` (all are asked at once).
+
+        False when none has it and at least one answered; raises
+        ReplicationError when none answered.
+        """
+        _check_name(name)
+        results = _fan_out(self.transport.exists, self.hosts, name)
+        if any(result.ok and result.value for result in results):
+            return True
+        if any(result.ok for result in results):
+            return False
+        self._report("check", name, results, fatal=True)
+
+    def size(self, name):
+        """Return the size of ``name``, as the first media host that has it says."""
+        _check_name(name)
+        return self._read_with_failover(self.transport.size, name, "size")
+
+    def url(self, name):
+        """Return the URL of ``name`` under ``base_url``, as FileSystemStorage does."""
+        if self.base_url is None:
+            raise ValueError("This file is not accessible via a URL.")
+        url = filepath_to_uri(name)
+        if url is not None:
+            url = url.lstrip("/")
+        return urljoin(self.base_url, url)
+
+    def _read_with_failover(self, func, name, action):
+        """Return ``func(host, name)`` from the first host that succeeds.
+
+        Hosts are tried in random order, so reads spread over them. Raises
+        FileNotFoundError when every host that answered said 404, and
+        ReplicationError when no host answered.
+        """
+        hosts = list(self.hosts)
+        random.shuffle(hosts)
+        results = []
+        for host in hosts:
+            result = _run_on_host(func, host, name, ())
+            if result.ok:
+                return result.value
+            results.append(result)
+        missing = [r.host for r in results if isinstance(r.error, FileNotFoundError)]
+        if missing:
+            failed = [r for r in results if not isinstance(r.error, FileNotFoundError)]
+            self._report(action, name, failed, fatal=False)
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "%s not found on %s" % (name, ", ".join(sorted(missing))),
+                name,
+            )
+        self._report(action, name, results, fatal=True)
+
+
+###############################################################################
+# Test media server
+###############################################################################
+
+
+class MediaServer:
+    """An HTTP media server for tests: GET, HEAD, PUT and DELETE, in process.
+
+    A stable API for your own tests. It binds ``host`` on ``port`` (0: a free
+    port) and keeps files in memory (``files``, path -> bytes) or, given
+    ``root``, in that directory, refusing with 403 any path that escapes it.
+    Paths are the decoded request paths, e.g. ``"/media/a b.txt"``.
+
+    Every request is recorded in ``log`` as ``(method, path, status)``. Fault
+    knobs, which may be changed at any time: ``read_only`` (PUT and DELETE get
+    403), ``status`` (answer this code, or ``{method: code}``, without acting)
+    and ``latency`` (seconds to wait before answering).
+
+    It runs on a greenlet where sockets are patched and on a thread of its
+    own elsewhere, so it serves while the caller blocks.
+    """
+
+    def __init__(self, root=None, host="127.0.0.1", port=0, read_only=False,
+                 status=None, latency=0.0):
+        self.root = None if root is None else os.path.realpath(root)
+        self.files = {} if root is None else None
+        self.bind_host = host
+        self.port = port
+        self.read_only = read_only
+        self.status = status
+        self.latency = latency
+        self.log = []
+        self._server = None
+        self._thread = None
+        self._hub = None
+
+    @property
+    def address(self):
+        """The ``"host:port"`` entry to put in RESTO_MEDIA_HOSTS."""
+        return "%s:%d" % (self.bind_host, self.port)
+
+    @property
+    def url(self):
+        """The server's base URL, ``http://host:port``."""
+        return "http://" + self.address
+
+    def start(self):
+        """Start serving; return self once the port is bound."""
+        if _sockets_patched():
+            self._bind()
+            self._server.start()
+            return self
+        ready = threading.Event()
+        failure = []
+
+        def serve():
+            try:
+                self._bind()
+                self._hub = gevent.get_hub()
+                self._server.start()
+            except BaseException as exc:
+                failure.append(exc)
+                return
+            finally:
+                ready.set()
+            self._server.serve_forever()
+
+        self._thread = threading.Thread(target=serve, name="media-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("MediaServer did not start within 10 seconds.")
+        if failure:
+            raise failure[0]
+        return self
+
+    def serve_forever(self):
+        """Serve in the current thread until stop() (for the command line)."""
+        self._bind()
+        self._server.serve_forever()
+
+    def stop(self):
+        """Stop serving and close the port."""
+        if self._server is None:
+            return
+        if self._thread is not None:
+            self._hub.loop.run_callback_threadsafe(self._server.stop)
+            self._thread.join(10)
+            self._thread = None
+        else:
+            self._server.stop()
+        self._server = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def requests(self, method=None):
+        """Return the logged ``(method, path, status)`` tuples, optionally of one method."""
+        return [entry for entry in self.log if method is None or entry[0] == method]
+
+    def _bind(self):
+        """Create the WSGI server on the configured address."""
+        self._server = gevent.pywsgi.WSGIServer(
+            (self.bind_host, self.port), self._application, log=None,
+            error_log=logging.getLogger("django_resto_gevent.server"),
+        )
+        self._server.init_socket()
+        self.port = self._server.server_port
+
+    def _application(self, environ, start_response):
+        """Serve one request and record it."""
+        method = environ["REQUEST_METHOD"]
+        path = environ["PATH_INFO"].encode("latin-1").decode("utf-8", "replace")
+        body = b""
+        if method == "PUT":
+            body = environ["wsgi.input"].read()
+        if self.latency:
+            gevent.sleep(self.latency)
+        status, payload = self._respond(method, path, body)
+        self.log.append((method, path, status))
+        headers = [("Content-Length", str(len(payload)))]
+        start_response("%d %s" % (status, _REASONS.get(status, "Status")), headers)
+        return [b""] if method == "HEAD" else [payload]
+
+    def _respond(self, method, path, body):
+        """Return (status, body) for a request, applying the fault knobs."""
+        forced = self.status.get(method) if isinstance(self.status, dict) else self.status
+        if forced:
+            return forced, b""
+        if self.read_only and method in ("PUT", "DELETE"):
+            return 403, b""
+        if method not in ("GET", "HEAD", "PUT", "DELETE"):
+            return 405, b""
+        if self.files is not None:
+            return self._respond_from_memory(method, path, body)
+        return self._respond_from_directory(method, path, body)
+
+    def _respond_from_memory(self, method, path, body):
+        """Serve from the ``files`` dict."""
+        exists = path in self.files
+        if method == "PUT":
+            self.files[path] = body
+            return (204 if exists else 201), b""
+        if not exists:
+            return 404, b""
+        if method == "DELETE":
+            del self.files[path]
+            return 204, b""
+        return 200, self.files[path]
+
+    def _respond_from_directory(self, method, path, body):
+        """Serve from the ``root`` directory, confined to it."""
+        target = os.path.realpath(os.path.join(self.root, path.lstrip("/")))
+        if "\x00" in path or not target.startswith(self.root + os.sep):
+            return 403, b""
+        exists = os.path.isfile(target)
+        if method == "PUT":
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".put-")
+            with os.fdopen(handle, "wb") as output:
+                output.write(body)
+            os.replace(temporary, target)
+            return (204 if exists else 201), b""
+        if not exists:
+            return 404, b""
+        if method == "DELETE":
+            os.remove(target)
+            return 204, b""
+        with open(target, "rb") as stored:
+            return 200, stored.read()
+
+
+_REASONS = {
+    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    410: "Gone", 500: "Internal Server Error", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
+###############################################################################
+# Command line
+###############################################################################
+
+
+def _serve(args):
+    """Run one MediaServer until SIGINT or SIGTERM."""
+    if args.root:
+        os.makedirs(args.root, exist_ok=True)
+    server = MediaServer(root=args.root, host=args.host, port=args.port,
+                         read_only=args.read_only, status=args.status, latency=args.latency)
+    server._bind()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(signum, server._server.stop)
+    print("Serving %s on %s/" % (args.root or "memory", server.url), flush=True)
+    server._server.serve_forever()
+    return 0
+
+
+def _demo(args):
+    """Save and delete files through the three storages on three embedded servers."""
+    from django.core.files.base import ContentFile
+
+    files = {
+        "demo/hello.txt": b"Hello, media hosts!\n",
+        "demo/caf\u00e9 menu.txt": "Caf\u00e9 cr\u00e8me 2\u20ac\n".encode(),
+        "demo/one-mebibyte.bin": os.urandom(1024 * 1024),
+    }
+    complete = True
+    with tempfile.TemporaryDirectory(prefix="resto-demo-") as media_root:
+        if not settings.configured:
+            settings.configure(MEDIA_ROOT=media_root, MEDIA_URL="/media/")
+        servers = [MediaServer().start() for _ in range(3)]
+        try:
+            hosts = [server.address for server in servers]
+            print("Media hosts: %s (MEDIA_URL /media/)" % ", ".join(hosts))
+            for storage_class in (HybridStorage, AsyncStorage, DistributedStorage):
+                if storage_class is DistributedStorage:
+                    storage = storage_class(hosts=hosts)
+                else:
+                    location = os.path.join(media_root, storage_class.__name__)
+                    storage = storage_class(location=location, hosts=hosts)
+                for name, data in files.items():
+                    started = time.perf_counter()
+                    saved = storage.save(name, ContentFile(data))
+                    if isinstance(storage, AsyncStorage):
+                        storage.join(timeout=30)
+                    copies = sum(s.files.get("/media/" + saved) == data for s in servers)
+                    complete &= copies == len(servers)
+                    _demo_line(storage, "saved", saved, len(data), copies, started)
+                name = next(iter(files))
+                started = time.perf_counter()
+                storage.delete(name)
+                if isinstance(storage, AsyncStorage):
+                    storage.join(timeout=30)
+                gone = sum("/media/" + name not in s.files for s in servers)
+                complete &= gone == len(servers)
+                _demo_line(storage, "deleted", name, 0, gone, started)
+                for server in servers:
+                    server.files.clear()
+            for server in servers:
+                counts = {}
+                for method, _, status in server.log:
+                    key = "%s %d" % (method, status)
+                    counts[key] = counts.get(key, 0) + 1
+                print("%s answered: %s" % (
+                    server.address, ", ".join("%s x%d" % item for item in sorted(counts.items()))))
+        finally:
+            for server in servers:
+                server.stop()
+    if not complete:
+        print("Demo failed: some host did not get every change.")
+        return 1
+    print("Demo finished: every change reached every host.")
+    return 0
+
+
+def _demo_line(storage, verb, name, size, hosts, started):
+    """Print one line of the demo's report."""
+    print("%-18s %-7s %-22s %8d bytes  %d/3 hosts  %7.1f ms" % (
+        type(storage).__name__, verb, name, size, hosts,
+        (time.perf_counter() - started) * 1000))
+
+
+def main(argv=None):
+    """Run the command line: ``python -m django_resto_gevent demo|serve``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m django_resto_gevent",
+        description="Replicated media storage for Django, on gevent.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("demo", help="replicate files to three embedded media servers")
+    serve = commands.add_parser("serve", help="run a test media server")
+    serve.add_argument("--root", help="directory to serve (default: in memory)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=0, help="port to bind (default: a free one)")
+    serve.add_argument("--read-only", action="store_true", help="refuse PUT and DELETE with 403")
+    serve.add_argument("--status", type=int, help="answer every request with this status")
+    serve.add_argument("--latency", type=float, default=0.0, help="seconds to wait before answering")
+    args = parser.parse_args(argv)
+    return {"demo": _demo, "serve": _serve}[args.command](args)
+
+
+if __name__ == "__main__":
+    # Run the importable module, not a second copy named __main__, so that
+    # storages referred to by dotted path share its state.
+    import django_resto_gevent
+
+    sys.exit(django_resto_gevent.main())
