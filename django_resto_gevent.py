@@ -96,7 +96,7 @@ _SETTINGS = {
     "timeout": ("RESTO_TIMEOUT", 2),
 }
 
-_DEFAULTS = {setting: default for setting, default in _SETTINGS.values()}
+_DEFAULTS = dict(_SETTINGS.values())
 
 
 def get_setting(name):
@@ -517,7 +517,8 @@ class _Payload:
             if self._spool is None:
                 buffer += chunk
                 if len(buffer) > _MEMORY_SPOOL_LIMIT:
-                    self._spool = tempfile.TemporaryFile(
+                    # Closed by close(): the payload outlives this method.
+                    self._spool = tempfile.TemporaryFile(  # noqa: SIM115
                         dir=getattr(settings, "FILE_UPLOAD_TEMP_DIR", None)
                     )
                     self._spool.write(buffer)
@@ -756,6 +757,9 @@ class _ReplicationMixin:
         if name is None:
             name = getattr(content, "name", None)
         _check_name(name)
+        # Refuse a bad configuration before writing anything anywhere.
+        for keyword in _SETTINGS:
+            self._option(keyword)
         return super().save(name, content, max_length=max_length)
 
     def __eq__(self, other):
@@ -942,7 +946,8 @@ class DistributedStorage(_ReplicationMixin, Storage):
         return self.transport.create(host, name, payload.reader(), size=payload.size)
 
     def _open(self, name, mode="rb"):
-        spool = tempfile.SpooledTemporaryFile(
+        # Handed to the caller inside the returned File, which closes it.
+        spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115
             max_size=_MEMORY_SPOOL_LIMIT, dir=getattr(settings, "FILE_UPLOAD_TEMP_DIR", None)
         )
 
@@ -983,6 +988,7 @@ class DistributedStorage(_ReplicationMixin, Storage):
         if any(result.ok for result in results):
             return False
         self._report("check", name, results, fatal=True)
+        return None
 
     def size(self, name):
         """Return the size of ``name``, as the first media host that has it says."""
@@ -1023,6 +1029,7 @@ class DistributedStorage(_ReplicationMixin, Storage):
                 name,
             )
         self._report(action, name, results, fatal=True)
+        return None
 
 
 ###############################################################################
@@ -1305,7 +1312,8 @@ def main(argv=None):
     serve.add_argument("--port", type=int, default=0, help="port to bind (default: a free one)")
     serve.add_argument("--read-only", action="store_true", help="refuse PUT and DELETE with 403")
     serve.add_argument("--status", type=int, help="answer every request with this status")
-    serve.add_argument("--latency", type=float, default=0.0, help="seconds to wait before answering")
+    serve.add_argument("--latency", type=float, default=0.0,
+                       help="seconds to wait before answering")
     args = parser.parse_args(argv)
     return {"demo": _demo, "serve": _serve}[args.command](args)
 

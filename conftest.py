@@ -1,0 +1,253 @@
+"""Fixtures for the tests of django_resto_gevent.
+
+gevent patches the standard library first, as ``gunicorn -k gevent`` does,
+then Django is configured. Fixtures provide in-process media servers on free
+ports, storages over one to three of them, and real nginx media hosts.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+
+import django  # noqa: E402
+import pytest  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+_SETTINGS = {
+    "MEDIA_ROOT": tempfile.mkdtemp(prefix="resto-media-root-"),
+    "MEDIA_URL": "/media/",
+    "USE_TZ": True,
+    "INSTALLED_APPS": [],
+}
+if django.VERSION < (5, 0):
+    # Django 4.2 users configure the default storage with this setting.
+    _SETTINGS["DEFAULT_FILE_STORAGE"] = "django_resto_gevent.HybridStorage"
+    warnings.filterwarnings("ignore", "The DEFAULT_FILE_STORAGE setting is deprecated")
+else:
+    _SETTINGS["STORAGES"] = {
+        "default": {"BACKEND": "django_resto_gevent.HybridStorage"},
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+if not settings.configured:
+    settings.configure(**_SETTINGS)
+    django.setup()
+
+from django_resto_gevent import AsyncStorage, DistributedStorage, HybridStorage, MediaServer  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+STORAGE_CLASSES = [HybridStorage, AsyncStorage, DistributedStorage]
+
+
+###############################################################################
+# In-process media servers
+###############################################################################
+
+
+@pytest.fixture
+def media_servers():
+    """Return a factory of started in-memory MediaServers, stopped after the test."""
+    started = []
+
+    def start(count=1, **knobs):
+        servers = [MediaServer(**knobs).start() for _ in range(count)]
+        started.extend(servers)
+        return servers
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def make_storage(storage_class, hosts, tmp_path, **options):
+    """Build ``storage_class`` on ``hosts``; a master copy under ``tmp_path``."""
+    if storage_class is DistributedStorage:
+        return storage_class(hosts=hosts, **options)
+    return storage_class(location=str(tmp_path / "master"), hosts=hosts, **options)
+
+
+def settle(storage):
+    """Wait for an AsyncStorage's background work; no-op for the others."""
+    if isinstance(storage, AsyncStorage):
+        assert storage.join(timeout=30), "AsyncStorage.join() timed out"
+
+
+@pytest.fixture(
+    params=[(cls, count) for cls in STORAGE_CLASSES for count in (1, 2, 3)],
+    ids=lambda param: "%s-%dhost" % (param[0].__name__, param[1]),
+)
+def replicated(request, media_servers, tmp_path):
+    """Return (storage, servers): each storage class over 1, 2 and 3 media servers."""
+    storage_class, count = request.param
+    servers = media_servers(count)
+    storage = make_storage(storage_class, [server.address for server in servers], tmp_path)
+    return storage, servers
+
+
+###############################################################################
+# Real nginx media hosts
+###############################################################################
+
+_NGINX_CONFIG = """\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+{user}
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    default_type application/octet-stream;
+{servers}
+}}
+"""
+
+_NGINX_SERVER = """\
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location /media/ {{
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+            dav_access user:rw group:r all:r;
+            client_max_body_size 0;
+        }}
+    }}
+"""
+
+
+def find_nginx():
+    """Return the path of the nginx binary, or None."""
+    return shutil.which("nginx") or next(
+        (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(path)),
+        None,
+    )
+
+
+def _free_port():
+    """Return a loopback port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _accepts(port):
+    """Tell whether something accepts connections on the loopback ``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
+class NginxHosts:
+    """One nginx master serving ``count`` media hosts, each from its own root.
+
+    Files saved as ``name`` land at ``roots[i] / "media" / name``. Started and
+    stopped by PID; every wait is bounded.
+    """
+
+    def __init__(self, directory, count=3):
+        self.directory = str(directory)
+        self.count = count
+        self.process = None
+        self.ports = []
+        self.roots = []
+
+    @property
+    def hosts(self):
+        """The ``"127.0.0.1:port"`` entries for RESTO_MEDIA_HOSTS."""
+        return ["127.0.0.1:%d" % port for port in self.ports]
+
+    def path(self, index, name):
+        """Return where ``name`` lands on host number ``index``."""
+        return os.path.join(self.roots[index], "media", name)
+
+    def start(self, nginx):
+        """Start nginx; retry with new ports if one was taken meanwhile."""
+        for _attempt in range(5):
+            if self._start_once(nginx):
+                return self
+        raise RuntimeError("nginx did not start: see %s/error.log" % self.directory)
+
+    def _start_once(self, nginx):
+        """Write the configuration, start nginx, wait until every port accepts."""
+        self.ports = [_free_port() for _ in range(self.count)]
+        self.roots = [os.path.join(self.directory, "host%d" % i) for i in range(self.count)]
+        for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] + self.roots:
+            os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
+        servers = "".join(
+            _NGINX_SERVER.format(port=port, root=root)
+            for port, root in zip(self.ports, self.roots, strict=True)
+        )
+        # Workers would run as "nobody" under root and could not write here.
+        user = "user root;" if os.geteuid() == 0 else ""
+        config = os.path.join(self.directory, "nginx.conf")
+        with open(config, "w") as output:
+            output.write(_NGINX_CONFIG.format(prefix=self.directory, user=user, servers=servers))
+        self.process = subprocess.Popen(
+            [nginx, "-p", self.directory, "-c", config, "-e", self.directory + "/error.log"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            if all(_accepts(port) for port in self.ports):
+                return True
+            try:
+                self.process.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                continue
+            return False  # nginx exited: most likely a port was taken
+        self.stop()
+        raise RuntimeError("nginx did not accept connections within 10 seconds")
+
+    def clear(self):
+        """Remove every file the hosts hold."""
+        for root in self.roots:
+            shutil.rmtree(os.path.join(root, "media"), ignore_errors=True)
+
+    def stop(self):
+        """Stop nginx (the master we started, by PID) and wait for it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def nginx_session(tmp_path_factory):
+    """Start one nginx with three media hosts for the whole session."""
+    nginx = find_nginx()
+    if nginx is None:
+        message = "nginx is not installed (apt-get install nginx-light)"
+        if IN_CI:
+            pytest.fail("CI=true but " + message)
+        pytest.skip(message)
+    hosts = NginxHosts(tmp_path_factory.mktemp("nginx"), count=3).start(nginx)
+    yield hosts
+    hosts.stop()
+
+
+@pytest.fixture
+def nginx_hosts(nginx_session):
+    """The session's nginx hosts, emptied before the test."""
+    nginx_session.clear()
+    return nginx_session
+

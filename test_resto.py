@@ -1,0 +1,1033 @@
+"""Tests of django_resto_gevent, in sections that mirror the module.
+
+The oracles are the media servers' request logs and the bytes they hold:
+in memory for the in-process MediaServer, on disk for real nginx hosts.
+"""
+
+import http.client
+import logging
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import gevent
+import pytest
+import urllib3
+from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
+from django.core.files import File
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.test import override_settings
+
+import django_resto_gevent
+from conftest import make_storage, settle
+from django_resto_gevent import (
+    AsyncStorage,
+    DefaultTransport,
+    DistributedStorage,
+    HostResult,
+    HybridStorage,
+    MediaServer,
+    ReplicationError,
+    RestoError,
+    TransportError,
+    UnexpectedStatusCode,
+    get_setting,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The names of the quoting rules: each must land at exactly that path.
+AWKWARD_NAMES = [
+    "caf\u00e9.txt",
+    "a b.txt",
+    "100%.txt",
+    "what?.txt",
+    "#1.txt",
+    "dir with space/\u00fc.txt",
+]
+
+BAD_NAMES = ["/etc/passwd", "../outside.txt", "a/../../outside.txt", "nul\x00.txt",
+             "new\nline.txt", "tab\t.txt", ""]
+
+
+def resto_records(caplog, level=logging.ERROR):
+    """Return the messages logged by django_resto_gevent at ``level``."""
+    return [
+        record.getMessage() for record in caplog.records
+        if record.name == "django_resto_gevent" and record.levelno == level
+    ]
+
+
+def storage_kinds():
+    """Parametrize a test over the three storage classes."""
+    return pytest.mark.parametrize(
+        "storage_class", [HybridStorage, AsyncStorage, DistributedStorage],
+        ids=lambda cls: cls.__name__,
+    )
+
+
+###############################################################################
+# Settings
+###############################################################################
+
+
+def test_get_setting_defaults_match_django_resto():
+    assert get_setting("RESTO_MEDIA_HOSTS") == ()
+    assert get_setting("RESTO_FATAL_EXCEPTIONS") is True
+    assert get_setting("RESTO_SHOW_TRACEBACK") is False
+    assert get_setting("RESTO_TIMEOUT") == 2
+    assert get_setting("TIMEOUT") == 2
+
+
+def test_get_setting_reads_settings_lazily():
+    with override_settings(RESTO_TIMEOUT=7):
+        assert get_setting("TIMEOUT") == 7
+    assert get_setting("TIMEOUT") == 2
+
+
+def test_get_setting_unknown_name():
+    with pytest.raises(ImproperlyConfigured, match="RESTO_TIMOUT"):
+        get_setting("TIMOUT")
+
+
+@storage_kinds()
+def test_storage_reads_settings_lazily(storage_class, media_servers, tmp_path):
+    first, second = media_servers(2)
+    options = {} if storage_class is DistributedStorage else {"location": str(tmp_path)}
+    with override_settings(RESTO_MEDIA_HOSTS=[first.address]):
+        storage = storage_class(**options)
+        assert storage.hosts == (first.address,)
+    with override_settings(RESTO_MEDIA_HOSTS=[second.address], RESTO_TIMEOUT=5):
+        assert storage.hosts == (second.address,)
+        assert storage.timeout == 5
+        storage.save("lazy.txt", ContentFile(b"lazy"))
+        settle(storage)
+    assert second.files == {"/media/lazy.txt": b"lazy"}
+    assert first.log == []
+
+
+@storage_kinds()
+def test_keywords_override_settings(storage_class, media_servers, tmp_path):
+    configured, chosen = media_servers(2)
+    with override_settings(RESTO_MEDIA_HOSTS=[configured.address], RESTO_TIMEOUT=9):
+        storage = make_storage(storage_class, [chosen.address], tmp_path, timeout=3)
+        assert storage.hosts == (chosen.address,)
+        assert storage.timeout == 3
+
+
+@storage_kinds()
+def test_storage_works_without_arguments(storage_class, media_servers, tmp_path):
+    server, = media_servers(1)
+    with override_settings(RESTO_MEDIA_HOSTS=[server.address], MEDIA_ROOT=str(tmp_path)):
+        storage = storage_class()
+        name = storage.save("plain.txt", ContentFile(b"plain"))
+        settle(storage)
+        assert storage.exists(name)
+    assert server.files == {"/media/plain.txt": b"plain"}
+    if storage_class is not DistributedStorage:
+        assert (tmp_path / "plain.txt").read_bytes() == b"plain"
+
+
+@storage_kinds()
+def test_unknown_keyword_is_named(storage_class):
+    with pytest.raises(ImproperlyConfigured, match="'hosst'") as info:
+        storage_class(hosst=["127.0.0.1:1"])
+    assert storage_class.__name__ in str(info.value)
+    assert "hosts" in str(info.value)
+
+
+@storage_kinds()
+def test_empty_hosts_refused_before_anything_is_written(storage_class, tmp_path):
+    storage = make_storage(storage_class, None, tmp_path)
+    with pytest.raises(ImproperlyConfigured, match="RESTO_MEDIA_HOSTS setting is empty"):
+        storage.save("never.txt", ContentFile(b"x"))
+    assert not (tmp_path / "master" / "never.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("hosts", "127.0.0.1:80", "must be a list of media hosts"),
+        ("hosts", ["media1/path"], "is not a media host"),
+        ("hosts", ["ftp://media1:21"], "is not a media host URL"),
+        ("hosts", ["http://media1:80/media/"], "without a path"),
+        ("hosts", [""], "is not a media host"),
+        ("timeout", 0, "positive number of seconds"),
+        ("timeout", "2", "positive number of seconds"),
+        ("fatal_exceptions", "yes", "True or False"),
+        ("show_traceback", 1, "True or False"),
+    ],
+)
+def test_bad_option_values_are_explained(option, value, message, tmp_path):
+    options = {"hosts": ["127.0.0.1:1"], option: value}
+    storage = HybridStorage(location=str(tmp_path), **options)
+    with pytest.raises(ImproperlyConfigured, match=message) as info:
+        storage.save("never.txt", ContentFile(b"x"))
+    assert "'%s' option of HybridStorage" % option in str(info.value)
+    offending = value[0] if isinstance(value, list) else value
+    assert repr(offending) in str(info.value)
+    assert not (tmp_path / "never.txt").exists()
+
+
+def test_bad_setting_value_names_the_setting(tmp_path):
+    with override_settings(RESTO_MEDIA_HOSTS=["127.0.0.1:1"], RESTO_TIMEOUT=-1):
+        storage = HybridStorage(location=str(tmp_path))
+        with pytest.raises(ImproperlyConfigured, match="The RESTO_TIMEOUT setting .* -1"):
+            storage.save("never.txt", ContentFile(b"x"))
+
+
+###############################################################################
+# Errors
+###############################################################################
+
+
+def test_errors_share_one_oserror_base():
+    for error_class in (UnexpectedStatusCode, TransportError, ReplicationError):
+        assert issubclass(error_class, RestoError)
+    assert issubclass(RestoError, OSError)
+
+
+def test_errors_pickle_with_their_details():
+    status = UnexpectedStatusCode("PUT", "http://u:secret@h:1/media/a", "h:1", 202, (201,))
+    transport = TransportError("GET", "http://h:1/media/a", "h:1", "refused")
+    replication = ReplicationError("create", "a", [("h:1", status), ("h:2", transport)], 3)
+    for error in (status, transport, replication):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert str(copy) == str(error)
+    copy = pickle.loads(pickle.dumps(status))
+    assert (copy.method, copy.host, copy.status) == ("PUT", "h:1", 202)
+    assert "secret" not in str(copy)
+    assert "secret" not in copy.url
+    assert pickle.loads(pickle.dumps(replication)).hosts == ["h:1", "h:2"]
+
+
+def test_replication_error_names_every_failed_host_in_order():
+    error = ReplicationError(
+        "create", "a.txt",
+        [("h:1", UnexpectedStatusCode("PUT", "http://h:1/media/a.txt", "h:1", 500, (201,))),
+         ("h:3", TransportError("PUT", "http://h:3/media/a.txt", "h:3", "refused"))],
+        3,
+    )
+    assert str(error).startswith("Failed to create a.txt on 2 of 3 media hosts.")
+    assert str(error).index("h:1: PUT") < str(error).index("h:3: PUT")
+    assert "answered 500" in str(error)
+    assert "refused" in str(error)
+
+
+###############################################################################
+# Transport
+###############################################################################
+
+
+@pytest.mark.parametrize(
+    ("base_url", "host", "name", "url"),
+    [
+        ("/media/", "m:8080", "a.txt", "http://m:8080/media/a.txt"),
+        ("/media", "m:8080", "a.txt", "http://m:8080/media/a.txt"),
+        ("https://cdn.example/files/", "m:443", "a.txt", "https://m:443/files/a.txt"),
+        ("https://cdn.example/files/", "http://m:80", "a.txt", "http://m:80/files/a.txt"),
+        ("/media/", "m:1", "caf\u00e9.txt", "http://m:1/media/caf%C3%A9.txt"),
+        ("/media/", "m:1", "a b.txt", "http://m:1/media/a%20b.txt"),
+        ("/media/", "m:1", "100%.txt", "http://m:1/media/100%25.txt"),
+        ("/media/", "m:1", "what?.txt", "http://m:1/media/what%3F.txt"),
+        ("/media/", "m:1", "#1.txt", "http://m:1/media/%231.txt"),
+        ("/media/", "m:1", "d s/\u00fc.txt", "http://m:1/media/d%20s/%C3%BC.txt"),
+    ],
+)
+def test_transport_url(base_url, host, name, url):
+    assert DefaultTransport(base_url=base_url).url(host, name) == url
+
+
+# (method, status) -> what the transport method returns, or the exception it raises.
+STATUS_RULES = [
+    ("create", 201, True),
+    ("create", 200, False),
+    ("create", 204, False),
+    ("create", 202, UnexpectedStatusCode),
+    ("create", 403, UnexpectedStatusCode),
+    ("create", 500, UnexpectedStatusCode),
+    ("delete", 200, True),
+    ("delete", 204, True),
+    ("delete", 404, False),
+    ("delete", 410, False),
+    ("delete", 202, UnexpectedStatusCode),
+    ("delete", 500, UnexpectedStatusCode),
+    ("exists", 200, True),
+    ("exists", 404, False),
+    ("exists", 410, False),
+    ("exists", 202, UnexpectedStatusCode),
+    ("exists", 403, UnexpectedStatusCode),
+    ("size", 200, 0),
+    ("size", 404, FileNotFoundError),
+    ("size", 410, FileNotFoundError),
+    ("size", 202, UnexpectedStatusCode),
+    ("content", 200, b""),
+    ("content", 404, FileNotFoundError),
+    ("content", 202, UnexpectedStatusCode),
+    ("content", 500, UnexpectedStatusCode),
+]
+
+_VERBS = {"create": "PUT", "delete": "DELETE", "exists": "HEAD", "size": "HEAD", "content": "GET"}
+
+
+@pytest.mark.parametrize(("operation", "status", "expected"), STATUS_RULES)
+def test_transport_status_rules(operation, status, expected, media_servers, caplog):
+    method = _VERBS[operation]
+    server, = media_servers(1, status={method: status})
+    transport = DefaultTransport(base_url="/media/")
+    args = (server.address, "a.txt") + ((b"data",) if operation == "create" else ())
+    call = getattr(transport, operation)
+    if isinstance(expected, type):
+        with pytest.raises(expected) as info:
+            call(*args)
+        if expected is UnexpectedStatusCode:
+            error = info.value
+            assert (error.method, error.host, error.status) == (method, server.address, status)
+            assert error.url == "http://%s/media/a.txt" % server.address
+    else:
+        assert call(*args) == expected
+    assert server.log == [(method, "/media/a.txt", status)]
+    warnings = resto_records(caplog, logging.WARNING)
+    if operation == "create" and status in (200, 204):
+        assert warnings == ["PUT on existing file a.txt on %s." % server.address]
+    elif operation == "delete" and status in (404, 410):
+        assert warnings == ["DELETE on missing file a.txt on %s." % server.address]
+    else:
+        assert warnings == []
+
+
+def test_transport_refused_connection_is_a_transport_error():
+    with MediaServer() as server:
+        address = server.address
+    with pytest.raises(TransportError) as info:
+        DefaultTransport(base_url="/media/").create(address, "a.txt", b"x")
+    assert info.value.host == address
+    assert info.value.method == "PUT"
+
+
+def test_transport_sends_content_length_not_chunked(media_servers, tmp_path):
+    server, = media_servers(1)
+    path = tmp_path / "body.bin"
+    path.write_bytes(b"x" * 300_000)
+    with open(path, "rb") as body:
+        body.seek(1000)
+        assert DefaultTransport(base_url="/media/").create(server.address, "b.bin", body)
+    assert server.files["/media/b.bin"] == b"x" * 299_000
+
+
+def test_connections_are_kept_alive_across_saves(media_servers, tmp_path):
+    servers = media_servers(3)
+    storage = HybridStorage(location=str(tmp_path), hosts=[s.address for s in servers])
+    for index in range(5):
+        storage.save("k%d.txt" % index, ContentFile(b"keep"))
+    manager = django_resto_gevent._pool_manager(3)
+    for server in servers:
+        pool = manager.connection_from_url(server.url)
+        assert pool.num_connections == 1, server.address
+
+
+def test_pool_manager_is_rebuilt_after_fork():
+    parent = django_resto_gevent._pool_manager(1)
+    assert django_resto_gevent._pool_manager(1) is parent
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report whether it got a pool of its own
+        child = django_resto_gevent._pool_manager(1)
+        os.write(write_end, b"new" if child is not parent else b"same")
+        os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 10) == b"new"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+
+
+def test_pool_manager_has_a_pool_per_host():
+    assert django_resto_gevent._pool_manager(40).pools._maxsize >= 40
+
+
+###############################################################################
+# Fan-out
+###############################################################################
+
+
+def test_fan_out_runs_hosts_in_parallel_and_keeps_host_order():
+    running = []
+    peak = []
+
+    def operation(host, name):
+        running.append(host)
+        peak.append(len(running))
+        gevent.sleep(0.01 * (3 - int(host)))  # the first host finishes last
+        running.remove(host)
+        if host == "2":
+            raise ValueError("host 2 fails")
+        return host + name
+
+    results = django_resto_gevent._fan_out(operation, ["1", "2", "3"], "x")
+    assert max(peak) == 3
+    assert [r.host for r in results] == ["1", "2", "3"]
+    assert results[0] == HostResult("1", "1x", None)
+    assert isinstance(results[1].error, ValueError)
+    assert not results[1].ok
+    assert results[2].value == "3x"
+
+
+def test_fan_out_to_one_host_runs_inline():
+    caller = gevent.getcurrent()
+    results = django_resto_gevent._fan_out(lambda host, name: gevent.getcurrent(), ["1"], "x")
+    assert results[0].value is caller
+
+
+###############################################################################
+# Storages: core operations, each class on 1, 2 and 3 media servers
+###############################################################################
+
+
+def test_save_replicates_to_every_host(replicated):
+    storage, servers = replicated
+    name = storage.save("dir/hello.txt", ContentFile(b"hello"))
+    settle(storage)
+    assert name == "dir/hello.txt"
+    for server in servers:
+        assert server.files == {"/media/dir/hello.txt": b"hello"}
+        assert server.requests("PUT") == [("PUT", "/media/dir/hello.txt", 201)]
+        assert server.requests("DELETE") == []
+    if not isinstance(storage, DistributedStorage):
+        with open(storage.path(name), "rb") as master_copy:
+            assert master_copy.read() == b"hello"
+
+
+def test_save_existing_name_gets_an_alternative(replicated):
+    storage, servers = replicated
+    first = storage.save("same.txt", ContentFile(b"first"))
+    settle(storage)
+    second = storage.save("same.txt", ContentFile(b"second"))
+    settle(storage)
+    assert first == "same.txt"
+    assert second != first
+    assert second.startswith("same_")
+    assert second.endswith(".txt")
+    for server in servers:
+        assert server.files == {"/media/same.txt": b"first", "/media/" + second: b"second"}
+        assert [status for _, _, status in server.requests("PUT")] == [201, 201]
+
+
+def test_save_without_name_uses_the_content_name(replicated):
+    storage, servers = replicated
+    assert storage.save(None, ContentFile(b"named", name="from-content.txt")) == "from-content.txt"
+    settle(storage)
+    for server in servers:
+        assert server.files["/media/from-content.txt"] == b"named"
+
+
+def test_delete_existing_file(replicated, caplog):
+    storage, servers = replicated
+    name = storage.save("gone.txt", ContentFile(b"bye"))
+    settle(storage)
+    storage.delete(name)
+    settle(storage)
+    for server in servers:
+        assert server.files == {}
+        assert server.requests("DELETE") == [("DELETE", "/media/gone.txt", 204)]
+    assert not storage.exists(name)
+    assert resto_records(caplog, logging.WARNING) == []
+
+
+def test_delete_missing_file_warns_per_host(replicated, caplog):
+    storage, servers = replicated
+    storage.delete("never-there.txt")
+    settle(storage)
+    for server in servers:
+        assert server.requests("DELETE") == [("DELETE", "/media/never-there.txt", 404)]
+    assert sorted(resto_records(caplog, logging.WARNING)) == sorted(
+        "DELETE on missing file never-there.txt on %s." % server.address for server in servers
+    )
+    assert resto_records(caplog) == []
+
+
+def test_exists_size_open_and_url(replicated):
+    storage, servers = replicated
+    name = storage.save("data/some file.bin", ContentFile(b"0123456789"))
+    settle(storage)
+    assert storage.exists(name)
+    assert not storage.exists("data/other.bin")
+    assert storage.size(name) == 10
+    with storage.open(name) as opened:
+        assert opened.read() == b"0123456789"
+    assert storage.url(name) == "/media/data/some%20file.bin"
+
+
+def test_missing_file_size_and_open(replicated):
+    storage, _ = replicated
+    with pytest.raises(FileNotFoundError):
+        storage.size("missing.txt")
+    with pytest.raises(FileNotFoundError):
+        storage.open("missing.txt")
+
+
+@pytest.mark.parametrize("name", AWKWARD_NAMES)
+def test_awkward_names_land_at_their_path(replicated, name):
+    storage, servers = replicated
+    saved = storage.save(name, ContentFile(name.encode()))
+    settle(storage)
+    assert saved == name
+    for server in servers:
+        assert server.files == {"/media/" + name: name.encode()}
+    assert storage.exists(name)
+    with storage.open(name) as opened:
+        assert opened.read() == name.encode()
+    storage.delete(name)
+    settle(storage)
+    for server in servers:
+        assert server.files == {}
+
+
+@storage_kinds()
+@pytest.mark.parametrize("operation", ["save", "delete", "exists", "size", "open"])
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+def test_bad_names_are_refused_before_any_request(storage_class, operation, name,
+                                                  media_servers, tmp_path):
+    server, = media_servers(1)
+    storage = make_storage(storage_class, [server.address], tmp_path)
+    args = (name, ContentFile(b"x")) if operation == "save" else (name,)
+    with pytest.raises((SuspiciousFileOperation, ValueError)):
+        getattr(storage, operation)(*args)
+    settle(storage)
+    assert server.log == []
+    assert not os.path.exists(tmp_path / "outside.txt")
+
+
+@storage_kinds()
+@pytest.mark.parametrize("mode", ["w", "wb", "r+b", "ab"])
+def test_open_for_writing_is_refused(storage_class, mode, media_servers, tmp_path):
+    server, = media_servers(1)
+    storage = make_storage(storage_class, [server.address], tmp_path)
+    with pytest.raises(ValueError, match="use mode 'rb'"):
+        storage.open("a.txt", mode)
+    assert server.log == []
+
+
+def test_distributed_has_no_local_paths(media_servers):
+    server, = media_servers(1)
+    storage = DistributedStorage(hosts=[server.address])
+    for method, args in [("path", ("a",)), ("listdir", ("",)), ("get_accessed_time", ("a",)),
+                         ("get_created_time", ("a",)), ("get_modified_time", ("a",))]:
+        with pytest.raises(NotImplementedError):
+            getattr(storage, method)(*args)
+
+
+def test_distributed_url_follows_filesystem_storage(media_servers):
+    server, = media_servers(1)
+    storage = DistributedStorage(hosts=[server.address], base_url="https://cdn.example/m")
+    assert storage.url("a b/\u00e9.txt") == "https://cdn.example/m/a%20b/%C3%A9.txt"
+    assert storage.url("/lead.txt") == "https://cdn.example/m/lead.txt"
+
+
+def test_distributed_streams_a_real_file_in_place(media_servers, tmp_path):
+    servers = media_servers(3)
+    source = tmp_path / "upload.bin"
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    source.write_bytes(data)
+    storage = DistributedStorage(hosts=[s.address for s in servers])
+    with open(source, "rb") as handle:
+        assert storage.save("big/upload.bin", File(handle)) == "big/upload.bin"
+    for server in servers:
+        assert server.files["/media/big/upload.bin"] == data
+    with storage.open("big/upload.bin") as opened:
+        assert opened.read() == data
+    assert storage.size("big/upload.bin") == len(data)
+
+
+def test_distributed_spools_large_content_once(media_servers):
+    servers = media_servers(3)
+    data = os.urandom(2 * 1024 * 1024 + 7)  # above the in-memory limit
+    storage = DistributedStorage(hosts=[s.address for s in servers])
+    storage.save("spooled.bin", ContentFile(data))
+    for server in servers:
+        assert server.files["/media/spooled.bin"] == data
+
+
+def test_distributed_saves_text_content(media_servers):
+    server, = media_servers(1)
+    storage = DistributedStorage(hosts=[server.address])
+    storage.save("text.txt", ContentFile("caf\u00e9"))
+    assert server.files["/media/text.txt"] == "caf\u00e9".encode()
+
+
+def test_distributed_saves_empty_content(media_servers):
+    servers = media_servers(2)
+    storage = DistributedStorage(hosts=[s.address for s in servers])
+    storage.save("empty.txt", ContentFile(b""))
+    for server in servers:
+        assert server.files["/media/empty.txt"] == b""
+    assert storage.size("empty.txt") == 0
+
+
+###############################################################################
+# Storages: AsyncStorage in the background
+###############################################################################
+
+
+def test_async_save_returns_before_replication_and_join_waits(media_servers, tmp_path):
+    servers = media_servers(3, latency=0.2)
+    storage = AsyncStorage(location=str(tmp_path), hosts=[s.address for s in servers])
+    storage.save("later.txt", ContentFile(b"later"))
+    assert all(server.files == {} for server in servers)
+    assert (tmp_path / "later.txt").read_bytes() == b"later"
+    assert storage.join() is True
+    for server in servers:
+        assert server.files == {"/media/later.txt": b"later"}
+
+
+def test_async_join_timeout_reports_pending_work(media_servers, tmp_path):
+    server, = media_servers(1, latency=1.0)
+    storage = AsyncStorage(location=str(tmp_path), hosts=[server.address])
+    storage.save("slow.txt", ContentFile(b"slow"))
+    assert storage.join(timeout=0.05) is False
+    assert storage.join(timeout=30) is True
+    assert server.files == {"/media/slow.txt": b"slow"}
+
+
+def test_async_execute_one_is_the_task_queue_hook(media_servers, tmp_path):
+    servers = media_servers(2)
+    queued = []
+
+    class QueuedStorage(AsyncStorage):
+        def execute_one(self, func, host, name, *args, action=None):
+            queued.append((host, name, action))
+
+    storage = QueuedStorage(location=str(tmp_path), hosts=[s.address for s in servers])
+    storage.save("queued.txt", ContentFile(b"q"))
+    storage.delete("queued.txt")
+    assert queued == [(servers[0].address, "queued.txt", "create"),
+                      (servers[1].address, "queued.txt", "create"),
+                      (servers[0].address, "queued.txt", None),
+                      (servers[1].address, "queued.txt", None)]
+    assert all(server.log == [] for server in servers)
+
+
+###############################################################################
+# Storages: failures
+###############################################################################
+
+
+def _one_bad_host(media_servers, count, **knobs):
+    """Start ``count`` servers of which the last one has the fault ``knobs``."""
+    servers = media_servers(count - 1) + media_servers(1, **knobs)
+    return servers, servers[-1]
+
+
+@storage_kinds()
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_failed_save_fatal(storage_class, count, media_servers, tmp_path, caplog):
+    servers, bad = _one_bad_host(media_servers, count, read_only=True)
+    storage = make_storage(storage_class, [s.address for s in servers], tmp_path)
+    if storage_class is AsyncStorage:
+        # Background replication cannot raise into save(): it logs.
+        storage.save("a.txt", ContentFile(b"a"))
+        settle(storage)
+    else:
+        with pytest.raises(ReplicationError) as info:
+            storage.save("a.txt", ContentFile(b"a"))
+        error = info.value
+        assert error.hosts == [bad.address]
+        assert (error.action, error.name, error.host_count) == ("create", "a.txt", count)
+        assert isinstance(error.failures[0][1], UnexpectedStatusCode)
+        assert error.failures[0][1].status == 403
+        assert bad.address in str(error)
+        assert "403" in str(error)
+        assert isinstance(error, OSError)
+    errors = resto_records(caplog)
+    assert len(errors) == 1
+    assert errors[0].startswith("Failed to create a.txt on %s. PUT http://%s/media/a.txt "
+                                "answered 403" % (bad.address, bad.address))
+    for server in servers[:-1]:
+        assert server.files == {"/media/a.txt": b"a"}
+    assert bad.files == {}
+    if storage_class is not DistributedStorage:
+        assert (tmp_path / "master" / "a.txt").read_bytes() == b"a"  # the master copy stays
+
+
+@storage_kinds()
+def test_failed_save_not_fatal_logs_and_goes_on(storage_class, media_servers, tmp_path, caplog):
+    servers, bad = _one_bad_host(media_servers, 3, status=500)
+    hosts = [s.address for s in servers]
+    with pytest.warns(RuntimeWarning) if storage_class is DistributedStorage else nullcontext():
+        storage = make_storage(storage_class, hosts, tmp_path, fatal_exceptions=False)
+    assert storage.save("b.txt", ContentFile(b"b")) == "b.txt"
+    settle(storage)
+    assert resto_records(caplog) == [
+        "Failed to create b.txt on %s. PUT http://%s/media/b.txt answered 500, "
+        "expected 201 or 200 or 204." % (bad.address, bad.address)
+    ]
+    assert [bool(s.files) for s in servers] == [True, True, False]
+
+
+def test_distributed_warns_once_without_fatal_exceptions(media_servers):
+    with pytest.warns(RuntimeWarning, match="no master copy") as record:
+        DistributedStorage(hosts=["127.0.0.1:1"], fatal_exceptions=False)
+    assert len(record) == 1
+
+
+@pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
+                         ids=lambda cls: cls.__name__)
+def test_every_failed_host_is_named_in_host_order(storage_class, media_servers, tmp_path):
+    good, = media_servers(1)
+    refused = MediaServer().start()
+    refused.stop()  # its port now refuses connections
+    accepted_202, = media_servers(1, status={"PUT": 202})
+    hosts = [refused.address, good.address, accepted_202.address]
+    storage = make_storage(storage_class, hosts, tmp_path)
+    with pytest.raises(ReplicationError) as info:
+        storage.save("c.txt", ContentFile(b"c"))
+    assert info.value.hosts == [refused.address, accepted_202.address]
+    assert isinstance(info.value.failures[0][1], TransportError)
+    assert info.value.failures[1][1].status == 202
+    assert good.files == {"/media/c.txt": b"c"}
+
+
+@pytest.mark.parametrize("show_traceback", [False, True])
+def test_traceback_only_when_asked(show_traceback, media_servers, tmp_path, caplog):
+    server, = media_servers(1, status=500)
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address],
+                            fatal_exceptions=False, show_traceback=show_traceback)
+    storage.save("t.txt", ContentFile(b"t"))
+    records = [r for r in caplog.records if r.name == "django_resto_gevent"
+               and r.levelno == logging.ERROR]
+    assert len(records) == 1
+    assert bool(records[0].exc_info) is show_traceback
+
+
+@storage_kinds()
+def test_failed_delete(storage_class, media_servers, tmp_path, caplog):
+    servers, bad = _one_bad_host(media_servers, 2, status={"DELETE": 503})
+    storage = make_storage(storage_class, [s.address for s in servers], tmp_path)
+    storage.save("d.txt", ContentFile(b"d"))
+    settle(storage)
+    if storage_class is AsyncStorage:
+        storage.delete("d.txt")
+        settle(storage)
+    else:
+        with pytest.raises(ReplicationError, match=bad.address):
+            storage.delete("d.txt")
+    assert resto_records(caplog) == [
+        "Failed to delete d.txt on %s. DELETE http://%s/media/d.txt answered 503, "
+        "expected 200 or 204 or 404 or 410." % (bad.address, bad.address)
+    ]
+    assert servers[0].files == {}
+    assert bad.files == {"/media/d.txt": b"d"}
+
+
+def test_distributed_reads_fail_over_to_a_host_that_has_the_file(media_servers):
+    servers = media_servers(3)
+    storage = DistributedStorage(hosts=[s.address for s in servers])
+    storage.save("f.txt", ContentFile(b"f"))
+    servers[0].status = 500
+    del servers[1].files["/media/f.txt"]
+    for _ in range(6):  # hosts are tried in random order: every order must work
+        assert storage.size("f.txt") == 1
+        with storage.open("f.txt") as opened:
+            assert opened.read() == b"f"
+        assert storage.exists("f.txt")
+
+
+def test_distributed_read_errors(media_servers):
+    servers = media_servers(2)
+    storage = DistributedStorage(hosts=[s.address for s in servers])
+    servers[0].status = 500
+    with pytest.raises(FileNotFoundError, match=servers[1].address):
+        storage.size("none.txt")
+    assert not storage.exists("none.txt")
+    servers[1].status = 500
+    with pytest.raises(ReplicationError) as info:
+        storage.open("none.txt")
+    assert sorted(info.value.hosts) == sorted(s.address for s in servers)
+    with pytest.raises(ReplicationError):
+        storage.exists("none.txt")
+
+
+###############################################################################
+# Storages: Django integration
+###############################################################################
+
+
+@storage_kinds()
+def test_pickle_round_trip(storage_class, media_servers, tmp_path):
+    servers = media_servers(2)
+    storage = make_storage(storage_class, [s.address for s in servers], tmp_path, timeout=4)
+    storage.save("before.txt", ContentFile(b"1"))  # leaves pools, pending tasks behind
+    copy = pickle.loads(pickle.dumps(storage))
+    settle(storage)
+    assert copy == storage
+    assert copy.hosts == storage.hosts
+    assert copy.timeout == 4
+    copy.save("after.txt", ContentFile(b"2"))
+    settle(copy)
+    for server in servers:
+        assert server.files == {"/media/before.txt": b"1", "/media/after.txt": b"2"}
+
+
+@storage_kinds()
+def test_deconstruct_and_equality(storage_class, tmp_path):
+    hosts = ["127.0.0.1:1", "127.0.0.1:2"]
+    storage = make_storage(storage_class, hosts, tmp_path, timeout=3)
+    path, args, kwargs = storage.deconstruct()
+    assert path == "django_resto_gevent." + storage_class.__name__
+    assert args == ()
+    assert kwargs["hosts"] == hosts
+    assert kwargs["timeout"] == 3
+    assert storage_class(*args, **kwargs) == storage
+    assert make_storage(storage_class, hosts[:1], tmp_path, timeout=3) != storage
+    assert len({storage, storage_class(*args, **kwargs)}) == 1
+
+
+@storage_kinds()
+def test_storages_setting_options(storage_class, media_servers, tmp_path):
+    from django.core.files.storage import storages
+
+    servers = media_servers(2)
+    options = {"hosts": [s.address for s in servers], "timeout": 5}
+    if storage_class is not DistributedStorage:
+        options["location"] = str(tmp_path)
+    backend = {"BACKEND": "django_resto_gevent." + storage_class.__name__, "OPTIONS": options}
+    with override_settings(STORAGES={"default": backend, "staticfiles": backend}):
+        storage = storages["default"]
+        assert type(storage) is storage_class
+        assert storage.timeout == 5
+        storage.save("configured.txt", ContentFile(b"c"))
+        settle(storage)
+    for server in servers:
+        assert server.files == {"/media/configured.txt": b"c"}
+
+
+def test_default_storage_from_settings(media_servers, tmp_path):
+    """DEFAULT_FILE_STORAGE on Django 4.2, STORAGES later (see conftest)."""
+    servers = media_servers(2)
+    with override_settings(RESTO_MEDIA_HOSTS=[s.address for s in servers],
+                           MEDIA_ROOT=str(tmp_path)):
+        name = default_storage.save("default.txt", ContentFile(b"d"))
+        assert type(default_storage._wrapped) is HybridStorage
+    assert (tmp_path / name).read_bytes() == b"d"
+    for server in servers:
+        assert server.files == {"/media/default.txt": b"d"}
+
+
+###############################################################################
+# Storages against real nginx media hosts
+###############################################################################
+
+
+def _assert_on_nginx(nginx_hosts, name, data):
+    """Check that every nginx root holds exactly ``data`` as ``name``."""
+    for index in range(nginx_hosts.count):
+        with open(nginx_hosts.path(index, name), "rb") as stored:
+            assert stored.read() == data, (index, name)
+
+
+def _assert_gone_from_nginx(nginx_hosts, name):
+    for index in range(nginx_hosts.count):
+        assert not os.path.exists(nginx_hosts.path(index, name)), (index, name)
+
+
+@storage_kinds()
+def test_nginx_core_scenario(storage_class, nginx_hosts, tmp_path, caplog):
+    storage = make_storage(storage_class, nginx_hosts.hosts, tmp_path)
+    name = storage.save("photos/2026/cat.jpg", ContentFile(b"meow"))
+    settle(storage)
+    _assert_on_nginx(nginx_hosts, name, b"meow")
+    assert storage.exists(name)
+    assert storage.size(name) == 4
+    with storage.open(name) as opened:
+        assert opened.read() == b"meow"
+    other = storage.save("photos/2026/cat.jpg", ContentFile(b"purr"))
+    settle(storage)
+    assert other != name
+    _assert_on_nginx(nginx_hosts, name, b"meow")
+    _assert_on_nginx(nginx_hosts, other, b"purr")
+    storage.delete(name)
+    settle(storage)
+    _assert_gone_from_nginx(nginx_hosts, name)
+    assert not storage.exists(name)
+    storage.delete(name)  # already gone everywhere: a warning per host
+    settle(storage)
+    assert len(resto_records(caplog, logging.WARNING)) == 3
+    assert resto_records(caplog) == []
+
+
+@storage_kinds()
+def test_nginx_awkward_names(storage_class, nginx_hosts, tmp_path):
+    storage = make_storage(storage_class, nginx_hosts.hosts, tmp_path)
+    for name in AWKWARD_NAMES:
+        assert storage.save(name, ContentFile(name.encode())) == name
+    settle(storage)
+    for name in AWKWARD_NAMES:
+        _assert_on_nginx(nginx_hosts, name, name.encode())
+        assert storage.size(name) == len(name.encode())
+    for name in AWKWARD_NAMES:
+        storage.delete(name)
+    settle(storage)
+    for name in AWKWARD_NAMES:
+        _assert_gone_from_nginx(nginx_hosts, name)
+
+
+@storage_kinds()
+def test_nginx_multi_mebibyte_file(storage_class, nginx_hosts, tmp_path):
+    data = os.urandom(8 * 1024 * 1024 + 3)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    storage = make_storage(storage_class, nginx_hosts.hosts, tmp_path)
+    with open(source, "rb") as handle:
+        name = storage.save("videos/big.bin", File(handle))
+    settle(storage)
+    _assert_on_nginx(nginx_hosts, name, data)
+    assert storage.size(name) == len(data)
+    with storage.open(name) as opened:
+        assert opened.read() == data
+
+
+def test_nginx_overwrite_is_a_warning(nginx_hosts, caplog):
+    transport = DefaultTransport(base_url="/media/")
+    host = nginx_hosts.hosts[0]
+    assert transport.create(host, "twice.txt", b"one") is True
+    assert transport.create(host, "twice.txt", b"two") is False
+    assert transport.content(host, "twice.txt") == b"two"
+    assert resto_records(caplog, logging.WARNING) == [
+        "PUT on existing file twice.txt on %s." % host
+    ]
+
+
+def test_nginx_status_semantics(nginx_hosts):
+    transport = DefaultTransport(base_url="/media/")
+    host = nginx_hosts.hosts[1]
+    assert transport.exists(host, "x/y.txt") is False
+    assert transport.delete(host, "x/y.txt") is False
+    with pytest.raises(FileNotFoundError):
+        transport.size(host, "x/y.txt")
+    assert transport.create(host, "x/y.txt", b"xy") is True
+    assert transport.exists(host, "x/y.txt")
+    assert transport.size(host, "x/y.txt") == 2
+    assert transport.delete(host, "x/y.txt") is True
+
+
+def test_nginx_host_down_fails_loudly(nginx_hosts, tmp_path):
+    refused = MediaServer().start()
+    refused.stop()
+    storage = HybridStorage(location=str(tmp_path), hosts=nginx_hosts.hosts + [refused.address])
+    with pytest.raises(ReplicationError) as info:
+        storage.save("partial.txt", ContentFile(b"p"))
+    assert info.value.hosts == [refused.address]
+    _assert_on_nginx(nginx_hosts, "partial.txt", b"p")
+
+
+###############################################################################
+# Test media server
+###############################################################################
+
+
+def test_media_server_in_memory_round_trip(media_servers):
+    server, = media_servers(1)
+    http = urllib3.PoolManager(retries=False, timeout=5)
+    assert http.request("PUT", server.url + "/a%20b.txt", body=b"ab").status == 201
+    assert http.request("PUT", server.url + "/a%20b.txt", body=b"AB").status == 204
+    assert http.request("GET", server.url + "/a%20b.txt").data == b"AB"
+    assert http.request("HEAD", server.url + "/a%20b.txt").headers["Content-Length"] == "2"
+    assert http.request("DELETE", server.url + "/a%20b.txt").status == 204
+    assert http.request("DELETE", server.url + "/a%20b.txt").status == 404
+    assert http.request("POST", server.url + "/a%20b.txt").status == 405
+    assert [entry[2] for entry in server.log] == [201, 204, 200, 200, 204, 404, 405]
+    assert server.requests("PUT") == [("PUT", "/a b.txt", 201), ("PUT", "/a b.txt", 204)]
+
+
+def test_media_server_directory_mode_is_confined(tmp_path):
+    root = tmp_path / "root"
+    with MediaServer(root=str(root)) as server:
+        http = urllib3.PoolManager(retries=False, timeout=5)
+        assert http.request("PUT", server.url + "/media/d/f.txt", body=b"f").status == 201
+        assert (root / "media" / "d" / "f.txt").read_bytes() == b"f"
+        for path in ("/../escaped.txt", "/media/../../escaped.txt", "/%2e%2e/escaped.txt"):
+            connection = http_client(server)
+            connection.request("PUT", path, body=b"evil")
+            assert connection.getresponse().status == 403, path
+            connection.close()
+    assert not (tmp_path / "escaped.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["root"]
+
+
+def http_client(server):
+    """Return a raw http.client connection, which sends paths unnormalized."""
+    return http.client.HTTPConnection(server.bind_host, server.port, timeout=5)
+
+
+def test_media_server_fault_knobs(media_servers):
+    server, = media_servers(1, read_only=True)
+    http = urllib3.PoolManager(retries=False, timeout=5)
+    assert http.request("PUT", server.url + "/x", body=b"x").status == 403
+    assert http.request("GET", server.url + "/x").status == 404
+    server.read_only = False
+    server.status = {"GET": 503}
+    assert http.request("PUT", server.url + "/x", body=b"x").status == 201
+    assert http.request("GET", server.url + "/x").status == 503
+    server.status = 418
+    assert http.request("HEAD", server.url + "/x").status == 418
+    server.status = None
+    server.latency = 0.3
+    with gevent.Timeout(0.1, False):
+        http.request("GET", server.url + "/x")
+        pytest.fail("the latency knob did not delay the answer")
+
+
+def test_media_server_in_an_unpatched_process_runs_on_a_thread():
+    script = (
+        "import urllib3, django_resto_gevent as r\n"
+        "with r.MediaServer() as s:\n"
+        "    print(urllib3.request('PUT', s.url + '/t', body=b't', timeout=5).status)\n"
+        "    print(s.files)\n"
+    )
+    output = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
+                            text=True, timeout=60, check=True).stdout
+    assert output.split("\n")[:2] == ["201", "{'/t': b't'}"]
+
+
+###############################################################################
+# Command line
+###############################################################################
+
+
+def test_demo_runs_and_exits_zero():
+    result = subprocess.run([sys.executable, "-m", "django_resto_gevent", "demo"], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every change reached every host" in result.stdout
+    for storage_class in ("HybridStorage", "AsyncStorage", "DistributedStorage"):
+        assert storage_class + " " in result.stdout
+    assert "3/3 hosts" in result.stdout
+    assert "/3 hosts" in result.stdout
+
+
+def test_serve_command_serves_a_directory_until_sigterm(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "django_resto_gevent", "serve", "--root", str(tmp_path)],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        assert ready, "serve printed nothing within 30 seconds"
+        line = process.stdout.readline()
+        assert line.startswith("Serving %s on http://127.0.0.1:" % tmp_path), line
+        url = line.split(" on ")[1].strip().rstrip("/")
+        response = urllib3.request("PUT", url + "/media/s.txt", body=b"s", timeout=5)
+        assert response.status == 201
+        assert (tmp_path / "media" / "s.txt").read_bytes() == b"s"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        process.stdout.close()
+        process.stderr.close()
