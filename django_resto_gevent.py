@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncStorage",
+    "BacklogError",
     "DefaultTransport",
     "DistributedStorage",
     "HostResult",
@@ -47,23 +48,29 @@ __all__ = [
     "UnexpectedStatusCode",
     "get_setting",
     "main",
+    "replication_failed",
 ]
 
 import argparse
+import atexit
 import concurrent.futures
+import contextlib
 import errno
 import inspect
 import io
 import logging
 import os
+import queue
 import random
 import signal
+import socket
 import stat
 import sys
 import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections import namedtuple
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
@@ -71,10 +78,13 @@ import gevent
 import gevent.pool
 import gevent.pywsgi
 import urllib3
+import urllib3.connection
+import urllib3.connectionpool
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage
+from django.dispatch import Signal
 from django.utils.deconstruct import deconstructible
 from django.utils.encoding import filepath_to_uri
 from gevent import monkey
@@ -94,6 +104,11 @@ _SETTINGS = {
     "fatal_exceptions": ("RESTO_FATAL_EXCEPTIONS", True),
     "show_traceback": ("RESTO_SHOW_TRACEBACK", False),
     "timeout": ("RESTO_TIMEOUT", 2),
+    "retries": ("RESTO_RETRIES", 1),
+    # None: every host when RESTO_FATAL_EXCEPTIONS, else 0 (see min_replicas).
+    "min_replicas": ("RESTO_MIN_REPLICAS", None),
+    "async_max_pending": ("RESTO_ASYNC_MAX_PENDING", 10000),
+    "async_exit_timeout": ("RESTO_ASYNC_EXIT_TIMEOUT", 30),
 }
 
 _DEFAULTS = dict(_SETTINGS.values())
@@ -142,6 +157,27 @@ def _check_timeout(value, source):
     return value
 
 
+def _check_count(value, source):
+    """Return the whole number ``value`` (0 or more), or raise a clear error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ImproperlyConfigured(
+            "%s must be a whole number, 0 or more, not %r." % (source, value)
+        )
+    return value
+
+
+def _check_positive_count(value, source):
+    """Return the whole number ``value`` (1 or more), or raise a clear error."""
+    if _check_count(value, source) == 0:
+        raise ImproperlyConfigured("%s must be 1 or more, not 0." % source)
+    return value
+
+
+def _check_optional_count(value, source):
+    """Return None or a whole number (0 or more), or raise a clear error."""
+    return None if value is None else _check_count(value, source)
+
+
 def _check_flag(value, source):
     """Return the boolean ``value``, or raise a clear error."""
     if not isinstance(value, bool):
@@ -154,6 +190,10 @@ _CHECKS = {
     "fatal_exceptions": _check_flag,
     "show_traceback": _check_flag,
     "timeout": _check_timeout,
+    "retries": _check_count,
+    "min_replicas": _check_optional_count,
+    "async_max_pending": _check_positive_count,
+    "async_exit_timeout": _check_timeout,
 }
 
 
@@ -188,7 +228,7 @@ def _split_host(host, default_scheme, source="RESTO_MEDIA_HOSTS"):
 
 
 ###############################################################################
-# Errors
+# Errors and signals
 ###############################################################################
 
 
@@ -260,6 +300,27 @@ class ReplicationError(RestoError):
         return [host for host, _ in self.failures]
 
 
+class BacklogError(RestoError):
+    """AsyncStorage has too many replications pending and no room came free."""
+
+    def __init__(self, storage_name, pending, waited):
+        self.pending = pending
+        self.waited = waited
+        super().__init__(
+            "%s has %d replications pending (RESTO_ASYNC_MAX_PENDING) and none "
+            "finished within %.1f seconds: the media hosts are not keeping up or "
+            "are down. The file is in the master copy; repair the hosts with "
+            "'python -m django_resto_gevent sync' once they are back, or raise "
+            "RESTO_ASYNC_MAX_PENDING." % (storage_name, pending, waited)
+        )
+
+
+# Sent once per failed host operation (sync, background, retried out), so that
+# a site can queue a repair or page someone. Arguments: storage, action, name,
+# host, exception; the sender is the storage class.
+replication_failed = Signal()
+
+
 def _redact(url):
     """Return ``url`` with any user name and password removed."""
     parts = urlsplit(url)
@@ -314,21 +375,167 @@ def _pool_manager(host_count):
                 blocksize=_BLOCK_SIZE,
                 retries=False,
             )
+            if not key[1]:
+                # Blocking sockets cannot be interrupted by gevent.Timeout:
+                # their connections enforce the deadline on every send and read.
+                manager.pool_classes_by_scheme = _DEADLINE_POOL_CLASSES
             state.update(key=key, manager=manager, num_pools=num_pools)
         return state["manager"]
+
+
+# A slow but steady transfer is not cut by the deadline: each attempt may take
+# RESTO_TIMEOUT plus one second per this many bytes of body.
+_MIN_TRANSFER_RATE = 1024 * 1024
+
+# Answers that say "try again": the request did not take effect.
+_RETRY_STATUSES = frozenset((502, 503, 504))
+
+# First pause before a retry, doubled on each further attempt, with jitter.
+_RETRY_BACKOFF = 0.05
+
+_thread_deadline = threading.local()
+
+
+def _attempt_bound(timeout, size):
+    """Return the seconds one attempt may take to move ``size`` bytes."""
+    return timeout + size / _MIN_TRANSFER_RATE
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """Bound everything in the block to ``seconds``, or raise TimeoutError.
+
+    Where sockets are patched, a gevent.Timeout interrupts the greenlet
+    wherever it waits (DNS included). Elsewhere, the connections of this
+    module's pool manager read the deadline before every send and receive.
+    """
+    if _sockets_patched():
+        timer = gevent.Timeout(seconds)
+        timer.start()
+        try:
+            yield
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            raise TimeoutError("no complete answer within %.1f seconds" % seconds) from None
+        finally:
+            timer.close()
+        return
+    previous = getattr(_thread_deadline, "value", None)
+    _thread_deadline.value = time.monotonic() + seconds
+    try:
+        yield
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        if time.monotonic() >= _thread_deadline.value:
+            raise TimeoutError("no complete answer within %.1f seconds" % seconds) from exc
+        raise
+    finally:
+        _thread_deadline.value = previous
+
+
+class _DeadlineSocket:
+    """A blocking socket whose every send and receive ends by the thread's deadline.
+
+    Socket timeouts alone bound each call, so a host trickling one byte at
+    a time could hold a request forever.
+    """
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def settimeout(self, value):
+        self._timeout = value
+        self._sock.settimeout(value)
+
+    def gettimeout(self):
+        return self._timeout
+
+    def _arm(self):
+        """Shorten the socket timeout to what remains before the deadline."""
+        deadline = getattr(_thread_deadline, "value", None)
+        if deadline is None:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed")
+        self._sock.settimeout(remaining if self._timeout is None else min(self._timeout, remaining))
+
+    def sendall(self, data, *args):
+        self._arm()
+        return self._sock.sendall(data, *args)
+
+    def send(self, data, *args):
+        self._arm()
+        return self._sock.send(data, *args)
+
+    def recv(self, size, *args):
+        self._arm()
+        return self._sock.recv(size, *args)
+
+    def recv_into(self, buffer, *args):
+        self._arm()
+        return self._sock.recv_into(buffer, *args)
+
+    def makefile(self, mode="r", buffering=None, **kwargs):
+        if mode != "rb":
+            return self._sock.makefile(mode, buffering, **kwargs)
+        # Reads through the file object must come back through _arm().
+        raw = socket.SocketIO(self, "rb")
+        return io.BufferedReader(raw, buffering or io.DEFAULT_BUFFER_SIZE)
+
+    def _decref_socketios(self):
+        """SocketIO calls this on close; the connection closes the socket."""
+
+
+class _DeadlineHTTPConnection(urllib3.connection.HTTPConnection):
+    """An HTTP connection whose socket honours the thread's deadline."""
+
+    def connect(self):
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock)
+
+
+class _DeadlineHTTPSConnection(urllib3.connection.HTTPSConnection):
+    """An HTTPS connection whose socket honours the thread's deadline."""
+
+    def connect(self):
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock)
+
+
+class _DeadlineHTTPConnectionPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _DeadlineHTTPConnection
+
+
+class _DeadlineHTTPSConnectionPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _DeadlineHTTPSConnection
+
+
+_DEADLINE_POOL_CLASSES = {
+    "http": _DeadlineHTTPConnectionPool,
+    "https": _DeadlineHTTPSConnectionPool,
+}
 
 
 class DefaultTransport:
     """Talk HTTP to media hosts: one method per operation, one verb each.
 
     ``base_url`` gives the path under which files live on the hosts (the
-    path of ``MEDIA_URL``) and the scheme of ``"host:port"`` entries;
-    ``timeout`` bounds connecting and each read, in seconds.
+    path of ``MEDIA_URL``) and the scheme of ``"host:port"`` entries.
+    ``timeout`` bounds each attempt: connecting, each read, and the whole
+    exchange, which may take ``timeout`` plus one second per MiB of body.
+    ``retries`` failed attempts (no answer, 502, 503, 504) are tried again
+    at once, inline, so operations on a name keep their order.
     """
 
-    def __init__(self, base_url=None, timeout=None, host_count=1):
+    def __init__(self, base_url=None, timeout=None, host_count=1, retries=None):
         self.base_url = settings.MEDIA_URL if base_url is None else base_url
         self.timeout = get_setting("TIMEOUT") if timeout is None else timeout
+        self.retries = get_setting("RETRIES") if retries is None else retries
         self.host_count = host_count
         parts = urlsplit(self.base_url or "/")
         self._default_scheme = parts.scheme or "http"
@@ -356,23 +563,29 @@ class DefaultTransport:
         """
         url = self.url(host, name)
         response = self._request("GET", url, host, preload_content=False)
-        try:
+        if response.status != 200:
+            # An error body is not worth reading: close the connection.
+            response.close()
             if response.status in (404, 410):
                 raise _not_found(name, host)
-            if response.status != 200:
-                raise UnexpectedStatusCode("GET", url, host, response.status, (200,))
+            raise UnexpectedStatusCode("GET", url, host, response.status, (200,))
+        try:
+            length = response.headers.get("Content-Length", "")
+            bound = _attempt_bound(self.timeout, int(length) if length.isdigit() else 0)
             written = 0
-            for block in response.stream(_BLOCK_SIZE):
-                destination.write(block)
-                written += len(block)
-            return written
-        except urllib3.exceptions.HTTPError as exc:
-            raise TransportError("GET", url, host, exc) from exc
-        finally:
-            # Reading to the end (or closing on error) keeps the pooled
-            # connection usable, or discards it.
-            response.drain_conn()
+            with _deadline(bound):
+                for block in response.stream(_BLOCK_SIZE):
+                    destination.write(block)
+                    written += len(block)
             response.release_conn()
+            return written
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            # A half-read connection cannot be reused: close it.
+            response.close()
+            raise TransportError("GET", url, host, exc) from exc
+        except BaseException:
+            response.close()
+            raise
 
     def exists(self, host, name):
         """HEAD ``name`` on ``host``: True on 200, False on 404 or 410."""
@@ -412,7 +625,7 @@ class DefaultTransport:
         if size is None:
             size = _remaining_size(content)
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
-        status = self._request("PUT", url, host, body=content, headers=headers).status
+        status = self._request("PUT", url, host, body=content, headers=headers, size=size).status
         if status == 201:
             return True
         if status in (200, 204):
@@ -427,28 +640,63 @@ class DefaultTransport:
         gone, which is logged as a warning).
         """
         url = self.url(host, name)
-        status = self._request("DELETE", url, host).status
+        response = self._request("DELETE", url, host)
+        status = response.status
         if status in (200, 204):
             return True
+        if status in (404, 410) and response.resto_attempts > 1:
+            return True  # an earlier attempt deleted it before failing
         if status in (404, 410):
             logger.warning("DELETE on missing file %s on %s.", name, host)
             return False
         raise UnexpectedStatusCode("DELETE", url, host, status, (200, 204, 404, 410))
 
-    def _request(self, method, url, host, body=None, headers=None, preload_content=True):
-        """Send one request; wrap every failure to get an answer in TransportError."""
+    def _request(self, method, url, host, body=None, headers=None, preload_content=True,
+                 size=0):
+        """Send a request, retrying what may be retried; return the response.
+
+        Every attempt is bounded in time. The response's ``resto_attempts``
+        says how many attempts it took. Raises TransportError when the last
+        attempt got no answer.
+        """
+        attempts = 1 + self.retries
+        start = body.tell() if hasattr(body, "tell") else None
+        for attempt in range(1, attempts + 1):
+            if attempt > 1:
+                if start is not None:
+                    body.seek(start)  # the body is sent again from its start
+                time.sleep(_RETRY_BACKOFF * 2 ** (attempt - 2) * random.uniform(0.5, 1.5))
+            try:
+                response = self._attempt(method, url, host, body, headers, preload_content, size)
+            except TransportError:
+                if attempt == attempts:
+                    raise
+                logger.info("Retrying %s %s on %s.", method, _redact(url), host)
+                continue
+            if response.status in _RETRY_STATUSES and attempt < attempts:
+                response.close()  # a streamed answer's connection is not reused
+                logger.info("Retrying %s %s on %s after %d.", method, _redact(url), host,
+                            response.status)
+                continue
+            response.resto_attempts = attempt
+            return response
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _attempt(self, method, url, host, body, headers, preload_content, size):
+        """Send one request within its deadline; wrap failures in TransportError."""
         manager = _pool_manager(self.host_count)
         try:
-            return manager.urlopen(
-                method,
-                url,
-                body=body,
-                headers=headers,
-                timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
-                retries=False,
-                redirect=False,
-                preload_content=preload_content,
-            )
+            with _deadline(_attempt_bound(self.timeout, size)):
+                return manager.urlopen(
+                    method,
+                    url,
+                    body=body,
+                    headers=headers,
+                    timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
+                    retries=False,
+                    redirect=False,
+                    preload_content=preload_content,
+                )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransportError(method, url, host, exc) from exc
 
@@ -482,6 +730,17 @@ class _PositionalReader:
         self._fd = fd
         self._position = 0
         self.size = size
+
+    def tell(self):
+        """Return the position of the next read."""
+        return self._position
+
+    def seek(self, position, whence=os.SEEK_SET):
+        """Move the position of the next read (for a retry)."""
+        if whence != os.SEEK_SET:
+            raise io.UnsupportedOperation("only absolute positions")
+        self._position = position
+        return position
 
     def read(self, amount=-1):
         """Read up to ``amount`` bytes (all that remain if negative)."""
@@ -598,11 +857,48 @@ def _executor(purpose):
         with _executors_lock:
             executor = _executors.get(key)
             if executor is None:
-                executor = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=_MAX_THREADS, thread_name_prefix="resto-%s" % purpose
-                )
+                executor = _DaemonThreads(_MAX_THREADS, "resto-%s" % purpose)
                 _executors[key] = executor
     return executor
+
+
+class _DaemonThreads:
+    """A pool of daemon threads returning futures.
+
+    Unlike ThreadPoolExecutor, whose exit hook waits for its whole queue
+    with no bound, this pool lets the interpreter exit: background work is
+    flushed by our own exit hook, within RESTO_ASYNC_EXIT_TIMEOUT.
+    """
+
+    def __init__(self, max_workers, name):
+        self._max_workers = max_workers
+        self._name = name
+        self._work = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads = 0
+
+    def submit(self, func, *args):
+        """Run ``func(*args)`` on a thread; return its Future."""
+        future = concurrent.futures.Future()
+        self._work.put((future, func, args))
+        with self._lock:
+            if not self._idle.acquire(blocking=False) and self._threads < self._max_workers:
+                self._threads += 1
+                threading.Thread(target=self._serve, name="%s-%d" % (self._name, self._threads),
+                                 daemon=True).start()
+        return future
+
+    def _serve(self):
+        """Run queued work for ever (the thread is a daemon)."""
+        while True:
+            future, func, args = self._work.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(func(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+            self._idle.release()
 
 
 def _run_on_host(func, host, name, args):
@@ -711,41 +1007,81 @@ class _ReplicationMixin:
 
     @property
     def timeout(self):
-        """Seconds allowed to connect, and for each read."""
+        """Seconds allowed per attempt: to connect, for each read, and in all.
+
+        An attempt that moves a body may also take one second per MiB.
+        """
         return self._option("timeout")
+
+    @property
+    def retries(self):
+        """How many times an attempt that got no usable answer is tried again."""
+        return self._option("retries")
+
+    @property
+    def min_replicas(self):
+        """How many hosts must accept a write for it to succeed.
+
+        Defaults to every host with RESTO_FATAL_EXCEPTIONS, else to 0.
+        """
+        value = self._option("min_replicas")
+        host_count = len(self.hosts)
+        if value is None:
+            return host_count if self.fatal_exceptions else 0
+        if value > host_count:
+            raise ImproperlyConfigured(
+                "%s asks for min_replicas=%d (RESTO_MIN_REPLICAS) but has only %d "
+                "media hosts: lower it or add hosts." % (type(self).__name__, value, host_count)
+            )
+        return value
 
     @property
     def transport(self):
         """A transport for the current settings (cheap: connections are pooled per process)."""
-        hosts = self.hosts
         return self.transport_class(
-            base_url=self.base_url, timeout=self.timeout, host_count=len(hosts)
+            base_url=self.base_url, timeout=self.timeout, host_count=len(self.hosts),
+            retries=self.retries,
         )
 
     def execute(self, func, name, *args, action=None):
         """Run ``func(host, name, *args)`` on all media hosts in parallel.
 
-        Returns the per-host HostResult list in host order. Every failure is
-        logged; if any and RESTO_FATAL_EXCEPTIONS, raises one ReplicationError
-        naming every failed host, after all hosts have finished.
+        Returns the per-host HostResult list in host order, after every host
+        has finished. Each failure is logged and signalled; when fewer hosts
+        than ``min_replicas`` succeeded, raises one ReplicationError naming
+        every failed host.
         """
+        action = action or func.__name__
         results = _fan_out(func, self.hosts, name, *args)
-        self._report(action or func.__name__, name, results, self.fatal_exceptions)
+        failures = self._report(action, name, results)
+        if failures and len(results) - len(failures) < self.min_replicas:
+            self._quorum_failed(action, name, results)
+            raise ReplicationError(action, name, failures, len(results)) from failures[0][1]
         return results
 
-    def _report(self, action, name, results, fatal):
-        """Log each failed host; raise ReplicationError for them if ``fatal``."""
+    def _quorum_failed(self, action, name, results):
+        """Undo what a write that failed its quorum left behind (nothing here)."""
+
+    def _report(self, action, name, results):
+        """Log and signal each failed host; return the ``(host, error)`` failures."""
         failures = [(result.host, result.error) for result in results if not result.ok]
         if not failures:
-            return
+            return failures
         show_traceback = self.show_traceback
         for host, error in failures:
             logger.error(
                 "Failed to %s %s on %s. %s", action, name, host, error,
                 exc_info=(type(error), error, error.__traceback__) if show_traceback else None,
             )
-        if fatal:
-            raise ReplicationError(action, name, failures, len(results)) from failures[0][1]
+            responses = replication_failed.send_robust(
+                sender=type(self), storage=self, action=action, name=name, host=host,
+                exception=error,
+            )
+            for receiver, outcome in responses:
+                if isinstance(outcome, Exception):
+                    logger.error("A replication_failed receiver failed: %r raised %r.",
+                                 receiver, outcome)
+        return failures
 
     def _put_local_file(self, host, name):
         """Upload the master copy of ``name`` to ``host`` from its own file handle."""
@@ -819,15 +1155,23 @@ class HybridStorage(_LocalReadsMixin, FileSystemStorage):
 class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
     """Save to the local location, then replicate in the background.
 
-    Failures are logged, never raised (RESTO_FATAL_EXCEPTIONS does not apply).
-    ``join()`` waits for pending replications. Override ``execute_one`` to hand
-    replication to a task queue.
+    Failures are logged and signalled, never raised. Operations on one name
+    reach each host in the order they were issued. At most
+    RESTO_ASYNC_MAX_PENDING host operations wait at once; beyond that,
+    ``save()`` and ``delete()`` wait for room, then raise BacklogError.
+    ``join()`` waits for pending replications; they are also flushed at
+    exit. Override ``execute_one`` to hand replication to a task queue.
     """
 
     def _save(self, name, content):
         name = super()._save(name, content)
         self.execute(self._put_local_file, name, action="create")
         return name
+
+    @property
+    def async_max_pending(self):
+        """How many host operations may wait in the background at once."""
+        return self._option("async_max_pending")
 
     def execute(self, func, name, *args, action=None):
         """Schedule ``func(host, name, *args)`` for every host; return at once."""
@@ -837,56 +1181,162 @@ class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
     def execute_one(self, func, host, name, *args, action=None):
         """Run ``func(host, name, *args)`` in the background; log a failure.
 
-        Greenlets where sockets are patched, threads elsewhere. Returns the
-        greenlet or future.
+        Runs after the operations already pending for ``name`` on ``host``.
+        Greenlets where sockets are patched, threads elsewhere.
         """
-        action = action or func.__name__
-        task = _BackgroundTask(self, func, host, name, args, action)
-        pending = self._pending_tasks()
-        if _sockets_patched():
-            handle = gevent.spawn(task)
-            pending.add(handle)
-            handle.link(pending.discard)
-        else:
-            handle = _executor("async").submit(task)
-            pending.add(handle)
-            handle.add_done_callback(pending.discard)
-        return handle
+        task = _BackgroundTask(self, func, host, name, args, action or func.__name__)
+        self._background().submit((host, name), task)
 
     def join(self, timeout=None):
         """Wait for every pending replication; return True if none is left."""
+        return self._background().join(timeout)
+
+    @classmethod
+    def join_all(cls, timeout=None):
+        """Wait for the pending replications of every AsyncStorage of this process.
+
+        Call it from gunicorn's ``worker_exit`` hook. Returns True if none is
+        left.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pending = self._pending_tasks()
-        while pending:
+        done = True
+        for background in list(_backgrounds):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done &= background.join(remaining)
+        return done
+
+    def _background(self):
+        """Return this storage's background queue, made on first use."""
+        background = self.__dict__.get("_background_queue")
+        if background is None or background.pid != os.getpid():
+            background = _Background(self)
+            self._background_queue = background
+        return background
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_background_queue", None)
+        return state
+
+
+# The background queues of this process, flushed at exit.
+_backgrounds = weakref.WeakSet()
+
+
+class _Background:
+    """The pending host operations of one AsyncStorage.
+
+    Each operation runs after the previous one on the same (host, name), so
+    a save then a delete never end with the file present. A semaphore caps
+    how many wait at once.
+    """
+
+    def __init__(self, storage):
+        self.pid = os.getpid()
+        self.storage_name = type(storage).__name__
+        self.patched = _sockets_patched()
+        self.max_pending = storage.async_max_pending
+        # Waiting longer than one host operation may take means none ends.
+        self.room_wait = storage.timeout * (1 + storage.retries) + 1
+        self.room = threading.BoundedSemaphore(self.max_pending)
+        self.lock = threading.RLock()
+        self.last = {}  # (host, name) -> the latest handle for it
+        self.pending = set()
+        _backgrounds.add(self)
+        _register_exit_flush()
+
+    def submit(self, key, task):
+        """Run ``task`` after the pending one for ``key``; wait for room first."""
+        if not self.room.acquire(timeout=self.room_wait):
+            raise BacklogError(self.storage_name, self.max_pending, self.room_wait)
+        with self.lock:
+            previous = self.last.get(key)
+            if self.patched:
+                handle = gevent.Greenlet(self._run, previous, task)
+                handle.link(lambda done: self._finished(key, done))
+                handle.start()
+            else:
+                handle = _executor("async").submit(self._run, previous, task)
+                handle.add_done_callback(lambda done: self._finished(key, done))
+            if not _is_done(handle):
+                self.pending.add(handle)
+                self.last[key] = handle
+        return handle
+
+    @staticmethod
+    def _run(previous, task):
+        """Wait for the previous operation on the same host and name, then run."""
+        if previous is not None:
+            # Each operation is bounded in time, so this wait is too.
+            if isinstance(previous, gevent.Greenlet):
+                previous.join()
+            else:
+                concurrent.futures.wait([previous])
+        return task()
+
+    def _finished(self, key, handle):
+        """Forget a finished operation and free its room."""
+        with self.lock:
+            self.pending.discard(handle)
+            if self.last.get(key) is handle:
+                del self.last[key]
+        self.room.release()
+
+    def join(self, timeout=None):
+        """Wait until nothing is pending; return False if ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.lock:
+                batch = list(self.pending)
+            if not batch:
+                return True
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            batch = list(pending)
             greenlets = [item for item in batch if isinstance(item, gevent.Greenlet)]
             futures = [item for item in batch if not isinstance(item, gevent.Greenlet)]
             if greenlets:
                 gevent.joinall(greenlets, timeout=remaining)
             if futures:
                 concurrent.futures.wait(futures, timeout=remaining)
-            # Callbacks remove finished tasks; drop them here as well in case
-            # a callback has not run yet, so the loop cannot spin.
-            for item in batch:
-                if item.ready() if isinstance(item, gevent.Greenlet) else item.done():
-                    pending.discard(item)
-        return True
+            with self.lock:
+                # Finished items leave through their callbacks; drop them here
+                # too in case a callback has not run yet, so the loop ends.
+                for item in batch:
+                    if _is_done(item):
+                        self.pending.discard(item)
 
-    def _pending_tasks(self):
-        """Return the set of this storage's background tasks."""
-        try:
-            return self._pending
-        except AttributeError:
-            self._pending = set()
-            return self._pending
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_pending", None)
-        return state
+def _is_done(handle):
+    """Tell whether a greenlet or future has finished."""
+    return handle.ready() if isinstance(handle, gevent.Greenlet) else handle.done()
+
+
+_exit_flush_registered = []
+
+
+def _register_exit_flush():
+    """Flush background replications at interpreter exit (registered once)."""
+    if not _exit_flush_registered:
+        _exit_flush_registered.append(True)
+        atexit.register(_flush_at_exit)
+
+
+def _flush_at_exit():
+    """Wait, up to RESTO_ASYNC_EXIT_TIMEOUT, for pending background replications."""
+    pending = sum(len(background.pending) for background in list(_backgrounds)
+                  if background.pid == os.getpid())
+    if not pending:
+        return
+    timeout = get_setting("ASYNC_EXIT_TIMEOUT")
+    logger.info("Flushing %d pending replications before exit.", pending)
+    if not AsyncStorage.join_all(timeout):
+        left = sum(len(background.pending) for background in list(_backgrounds))
+        logger.error(
+            "%d replications were still pending after %s seconds at exit "
+            "(RESTO_ASYNC_EXIT_TIMEOUT) and are abandoned; repair the hosts "
+            "from the master copy.", left, timeout,
+        )
 
 
 class _BackgroundTask:
@@ -902,7 +1352,7 @@ class _BackgroundTask:
 
     def __call__(self):
         result = _run_on_host(self.func, self.host, self.name, self.args)
-        self.storage._report(self.action, self.name, [result], fatal=False)
+        self.storage._report(self.action, self.name, [result])
         return result
 
 
@@ -987,8 +1437,8 @@ class DistributedStorage(_ReplicationMixin, Storage):
             return True
         if any(result.ok for result in results):
             return False
-        self._report("check", name, results, fatal=True)
-        return None
+        failures = self._report("check", name, results)
+        raise ReplicationError("check", name, failures, len(results)) from failures[0][1]
 
     def size(self, name):
         """Return the size of ``name``, as the first media host that has it says."""
@@ -1007,9 +1457,9 @@ class DistributedStorage(_ReplicationMixin, Storage):
     def _read_with_failover(self, func, name, action):
         """Return ``func(host, name)`` from the first host that succeeds.
 
-        Hosts are tried in random order, so reads spread over them. Raises
-        FileNotFoundError when every host that answered said 404, and
-        ReplicationError when no host answered.
+        Hosts are tried in random order, so reads spread over them, moving
+        on after an error or a 404. Raises FileNotFoundError when every host
+        that answered said 404, else ReplicationError naming the failures.
         """
         hosts = list(self.hosts)
         random.shuffle(hosts)
@@ -1020,16 +1470,26 @@ class DistributedStorage(_ReplicationMixin, Storage):
                 return result.value
             results.append(result)
         missing = [r.host for r in results if isinstance(r.error, FileNotFoundError)]
-        if missing:
-            failed = [r for r in results if not isinstance(r.error, FileNotFoundError)]
-            self._report(action, name, failed, fatal=False)
+        failed = [r for r in results if not isinstance(r.error, FileNotFoundError)]
+        failures = self._report(action, name, failed)
+        if missing and all(isinstance(error, TransportError) for _, error in failures):
+            unreachable = ", ".join(host for host, _ in failures)
             raise FileNotFoundError(
                 errno.ENOENT,
-                "%s not found on %s" % (name, ", ".join(sorted(missing))),
+                "%s not found on %s%s" % (name, ", ".join(missing),
+                                          " (unreachable: %s)" % unreachable if failures else ""),
                 name,
             )
-        self._report(action, name, results, fatal=True)
-        return None
+        error = ReplicationError(action, name, failures, len(results))
+        raise error from failures[0][1]
+
+    def _quorum_failed(self, action, name, results):
+        """Delete the copies of a save that failed its quorum, so the name stays free."""
+        landed = [result.host for result in results if result.ok]
+        if action != "create" or not landed:
+            return
+        cleanup = _fan_out(self.transport.delete, landed, name)
+        self._report("remove the partial copy of", name, cleanup)
 
 
 ###############################################################################
