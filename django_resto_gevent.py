@@ -65,6 +65,7 @@ import random
 import signal
 import socket
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -75,6 +76,7 @@ from collections import namedtuple
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import gevent
+import gevent.event
 import gevent.pool
 import gevent.pywsgi
 import urllib3
@@ -685,14 +687,18 @@ class DefaultTransport:
     def _attempt(self, method, url, host, body, headers, preload_content, size):
         """Send one request within its deadline; wrap failures in TransportError."""
         manager = _pool_manager(self.host_count)
+        bound = _attempt_bound(self.timeout, size)
         try:
-            with _deadline(_attempt_bound(self.timeout, size)):
+            with _deadline(bound):
                 return manager.urlopen(
                     method,
                     url,
                     body=body,
                     headers=headers,
-                    timeout=urllib3.Timeout(connect=self.timeout, read=self.timeout),
+                    # After a large body, the answer may wait for the host to
+                    # drain the socket buffers: the read may take the whole
+                    # bound. The deadline still ends a host that trickles.
+                    timeout=urllib3.Timeout(connect=self.timeout, read=bound),
                     retries=False,
                     redirect=False,
                     preload_content=preload_content,
@@ -1505,17 +1511,28 @@ class MediaServer:
     ``root``, in that directory, refusing with 403 any path that escapes it.
     Paths are the decoded request paths, e.g. ``"/media/a b.txt"``.
 
-    Every request is recorded in ``log`` as ``(method, path, status)``. Fault
-    knobs, which may be changed at any time: ``read_only`` (PUT and DELETE get
-    403), ``status`` (answer this code, or ``{method: code}``, without acting)
-    and ``latency`` (seconds to wait before answering).
+    Every request is recorded in ``log`` as ``(method, path, status)``; the
+    status is None when no answer was sent. Fault knobs, which may be changed
+    at any time:
+
+    - ``read_only``: PUT and DELETE get 403.
+    - ``status``: answer this code, or ``{method: code}``, without acting.
+    - ``latency``: seconds to wait before answering.
+    - ``fail_first``: answer 503 to this many requests (or ``{method:
+      count}``), then act normally.
+    - ``hang``: read the request, then never answer (until ``stop()``).
+    - ``trickle``: seconds between the bytes of the answer's body (answers
+      that have none get a short text body).
+    - ``reset_after``: read this many bytes of a PUT body, then reset the
+      connection without answering.
 
     It runs on a greenlet where sockets are patched and on a thread of its
     own elsewhere, so it serves while the caller blocks.
     """
 
     def __init__(self, root=None, host="127.0.0.1", port=0, read_only=False,
-                 status=None, latency=0.0):
+                 status=None, latency=0.0, fail_first=0, hang=False, trickle=0.0,
+                 reset_after=None):
         self.root = None if root is None else os.path.realpath(root)
         self.files = {} if root is None else None
         self.bind_host = host
@@ -1523,10 +1540,15 @@ class MediaServer:
         self.read_only = read_only
         self.status = status
         self.latency = latency
+        self.fail_first = fail_first
+        self.hang = hang
+        self.trickle = trickle
+        self.reset_after = reset_after
         self.log = []
         self._server = None
         self._thread = None
         self._hub = None
+        self._released = None
 
     @property
     def address(self):
@@ -1577,12 +1599,17 @@ class MediaServer:
         if self._server is None:
             return
         if self._thread is not None:
-            self._hub.loop.run_callback_threadsafe(self._server.stop)
+            self._hub.loop.run_callback_threadsafe(self._shutdown)
             self._thread.join(10)
             self._thread = None
         else:
-            self._server.stop()
+            self._shutdown()
         self._server = None
+
+    def _shutdown(self):
+        """Release hanging requests and stop the server (in the server's hub)."""
+        self._released.set()
+        self._server.stop(timeout=1)
 
     def __enter__(self):
         return self.start()
@@ -1598,25 +1625,63 @@ class MediaServer:
         """Create the WSGI server on the configured address."""
         self._server = gevent.pywsgi.WSGIServer(
             (self.bind_host, self.port), self._application, log=None,
+            handler_class=_MediaRequestHandler,
             error_log=logging.getLogger("django_resto_gevent.server"),
         )
         self._server.init_socket()
         self.port = self._server.server_port
+        self._released = gevent.event.Event()
 
     def _application(self, environ, start_response):
         """Serve one request and record it."""
         method = environ["REQUEST_METHOD"]
         path = environ["PATH_INFO"].encode("latin-1").decode("utf-8", "replace")
         body = b""
+        if method == "PUT" and self.reset_after is not None:
+            environ["wsgi.input"].read(self.reset_after)
+            self.log.append((method, path, None))
+            _reset(environ["resto.socket"])
+            return []
         if method == "PUT":
             body = environ["wsgi.input"].read()
+        if self.hang:
+            self.log.append((method, path, None))
+            self._released.wait()
+            return []
         if self.latency:
             gevent.sleep(self.latency)
-        status, payload = self._respond(method, path, body)
+        if self._take_failure(method):
+            status, payload = 503, b""
+        else:
+            status, payload = self._respond(method, path, body)
         self.log.append((method, path, status))
-        headers = [("Content-Length", str(len(payload)))]
-        start_response("%d %s" % (status, _REASONS.get(status, "Status")), headers)
-        return [b""] if method == "HEAD" else [payload]
+        reason = _REASONS.get(status, "Status")
+        if self.trickle and not payload:
+            payload = ("%d %s\n" % (status, reason)).encode() * 4
+        start_response("%d %s" % (status, reason), [("Content-Length", str(len(payload)))])
+        if method == "HEAD":
+            return [b""]
+        if self.trickle:
+            return self._trickled(payload)
+        return [payload]
+
+    def _take_failure(self, method):
+        """Tell whether ``fail_first`` says to answer this request with 503."""
+        if isinstance(self.fail_first, dict):
+            if self.fail_first.get(method, 0) > 0:
+                self.fail_first[method] -= 1
+                return True
+            return False
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return True
+        return False
+
+    def _trickled(self, payload):
+        """Yield ``payload`` one byte at a time, ``trickle`` seconds apart."""
+        for index in range(len(payload)):
+            gevent.sleep(self.trickle)
+            yield payload[index:index + 1]
 
     def _respond(self, method, path, body):
         """Return (status, body) for a request, applying the fault knobs."""
@@ -1664,6 +1729,21 @@ class MediaServer:
             return 204, b""
         with open(target, "rb") as stored:
             return 200, stored.read()
+
+
+class _MediaRequestHandler(gevent.pywsgi.WSGIHandler):
+    """gevent's WSGI handler, handing the connection's socket to the application."""
+
+    def get_environ(self):
+        environ = super().get_environ()
+        environ["resto.socket"] = self.socket  # for the reset_after knob
+        return environ
+
+
+def _reset(sock):
+    """Close ``sock`` with a TCP reset rather than an orderly shutdown."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 _REASONS = {

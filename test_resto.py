@@ -4,7 +4,9 @@ The oracles are the media servers' request logs and the bytes they hold:
 in memory for the in-process MediaServer, on disk for real nginx hosts.
 """
 
+import copy
 import http.client
+import io
 import logging
 import os
 import pickle
@@ -12,9 +14,11 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from contextlib import nullcontext
 
 import gevent
+import gevent.event
 import pytest
 import urllib3
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
@@ -27,6 +31,7 @@ import django_resto_gevent
 from conftest import make_storage, settle
 from django_resto_gevent import (
     AsyncStorage,
+    BacklogError,
     DefaultTransport,
     DistributedStorage,
     HostResult,
@@ -1045,3 +1050,296 @@ def test_serve_command_serves_a_directory_until_sigterm(tmp_path):
         assert process.wait(timeout=30) == 0
         process.stdout.close()
         process.stderr.close()
+
+
+###############################################################################
+# Reliability: the fault matrix
+###############################################################################
+
+# Each fault: the knobs of the faulty server (None: a host that does not exist
+# as a server), whether a retry recovers, and what the faulty server logs.
+FAULTS = {
+    "refused": (None, False, None),
+    "unknown-host": ("nonexistent.invalid:80", False, None),
+    "never-answers": ({"hang": True}, False, [("PUT", "/media/a.txt", None)] * 2),
+    "trickle": ({"trickle": 0.1}, False, [("PUT", "/media/a.txt", 201),
+                                           ("PUT", "/media/a.txt", 204)]),
+    "500": ({"status": 500}, False, [("PUT", "/media/a.txt", 500)]),
+    "503-then-ok": ({"fail_first": {"PUT": 1}}, True, [("PUT", "/media/a.txt", 503),
+                                              ("PUT", "/media/a.txt", 201)]),
+    "403": ({"read_only": True}, False, [("PUT", "/media/a.txt", 403)]),
+    "202": ({"status": {"PUT": 202}}, False, [("PUT", "/media/a.txt", 202)]),
+    "reset-mid-body": ({"reset_after": 1000}, False, [("PUT", "/media/a.txt", None)] * 2),
+}
+
+# Two attempts of at most 0.3 s and a backoff, twice for Distributed (its
+# exists() check before the save also waits for the faulty host): a generous
+# bound that a hang or a trickle without a deadline would blow through.
+FAULT_TIMEOUT = 0.3
+FAULT_BOUND = 2 * 2 * (FAULT_TIMEOUT + 0.1) + 1.0
+
+
+@pytest.fixture
+def failures_signalled():
+    """Collect the replication_failed signals sent during the test."""
+    received = []
+
+    def receiver(sender, **kwargs):
+        received.append(dict(kwargs, sender=sender))
+
+    django_resto_gevent.replication_failed.connect(receiver)
+    yield received
+    django_resto_gevent.replication_failed.disconnect(receiver)
+
+
+def _faulty_host(media_servers, fault):
+    """Return (address, server or None) for ``fault``."""
+    knobs = FAULTS[fault][0]
+    if knobs is None:
+        down = MediaServer().start()
+        down.stop()  # its port now refuses connections
+        return down.address, None
+    if isinstance(knobs, str):
+        return knobs, None
+    server, = media_servers(1, **copy.deepcopy(knobs))  # knobs count down
+    return server.address, server
+
+
+@storage_kinds()
+@pytest.mark.parametrize("fatal", [True, False], ids=["fatal", "not-fatal"])
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault_matrix(fault, fatal, storage_class, media_servers, tmp_path, caplog,
+                      failures_signalled):
+    good = media_servers(2)
+    bad_address, bad = _faulty_host(media_servers, fault)
+    hosts = [good[0].address, good[1].address, bad_address]
+    data = os.urandom(3000)  # more than reset_after
+    with pytest.warns(RuntimeWarning) if (
+            storage_class is DistributedStorage and not fatal) else nullcontext():
+        storage = make_storage(storage_class, hosts, tmp_path, timeout=FAULT_TIMEOUT,
+                               fatal_exceptions=fatal)
+    recovers = FAULTS[fault][1]
+    raises = fatal and not recovers and storage_class is not AsyncStorage
+    started = time.monotonic()
+    if raises:
+        with pytest.raises(ReplicationError) as info:
+            storage.save("a.txt", ContentFile(data))
+        assert info.value.hosts == [bad_address]
+    else:
+        assert storage.save("a.txt", ContentFile(data)) == "a.txt"
+    settle(storage)
+    assert time.monotonic() - started < FAULT_BOUND
+
+    if recovers:
+        assert resto_records(caplog) == []
+        assert failures_signalled == []
+    else:
+        errors = resto_records(caplog)
+        assert len(errors) == 1
+        assert errors[0].startswith("Failed to create a.txt on %s. " % bad_address)
+        signal, = failures_signalled
+        assert signal["sender"] is storage_class
+        assert (signal["action"], signal["name"], signal["host"]) == ("create", "a.txt",
+                                                                        bad_address)
+        assert signal["storage"] is storage
+        assert isinstance(signal["exception"], RestoError)
+    if bad is not None:
+        assert bad.requests("PUT") == FAULTS[fault][2]
+        landed_on_bad = fault in ("trickle", "503-then-ok")
+        assert (bad.files.get("/media/a.txt") == data) is landed_on_bad
+    cleaned_up = raises and storage_class is DistributedStorage
+    for server in good:
+        assert server.files == ({} if cleaned_up else {"/media/a.txt": data})
+    if storage_class is not DistributedStorage:
+        assert (tmp_path / "master" / "a.txt").read_bytes() == data
+
+
+@pytest.mark.parametrize("min_replicas, succeeds", [(1, True), (2, True), (3, False)])
+@pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
+                         ids=lambda cls: cls.__name__)
+def test_write_quorum(storage_class, min_replicas, succeeds, media_servers, tmp_path, caplog,
+                      failures_signalled):
+    servers, bad = _one_bad_host(media_servers, 3, status=500)
+    storage = make_storage(storage_class, [s.address for s in servers], tmp_path,
+                           min_replicas=min_replicas)
+    if succeeds:
+        assert storage.save("q.txt", ContentFile(b"q")) == "q.txt"
+    else:
+        with pytest.raises(ReplicationError, match="on 1 of 3 media hosts"):
+            storage.save("q.txt", ContentFile(b"q"))
+    assert len(resto_records(caplog)) == 1
+    assert [s["host"] for s in failures_signalled] == [bad.address]
+    kept = succeeds or storage_class is not DistributedStorage
+    for server in servers[:2]:
+        assert server.files == ({"/media/q.txt": b"q"} if kept else {})
+
+
+def test_quorum_defaults_follow_fatal_exceptions(tmp_path):
+    hosts = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+    assert HybridStorage(location=str(tmp_path), hosts=hosts).min_replicas == 3
+    assert HybridStorage(location=str(tmp_path), hosts=hosts,
+                         fatal_exceptions=False).min_replicas == 0
+    with override_settings(RESTO_MIN_REPLICAS=2):
+        assert HybridStorage(location=str(tmp_path), hosts=hosts).min_replicas == 2
+    with pytest.raises(ImproperlyConfigured, match="min_replicas=4 .* only 3 media hosts"):
+        HybridStorage(location=str(tmp_path), hosts=hosts, min_replicas=4).min_replicas
+
+
+def test_distributed_failed_save_leaves_the_name_free(media_servers):
+    servers, bad = _one_bad_host(media_servers, 3, fail_first={"PUT": 2})
+    storage = DistributedStorage(hosts=[s.address for s in servers])
+    with pytest.raises(ReplicationError):
+        storage.save("free.txt", ContentFile(b"1"))
+    assert not storage.exists("free.txt")
+    assert storage.save("free.txt", ContentFile(b"2")) == "free.txt"  # the same name
+    for server in servers:
+        assert server.files == {"/media/free.txt": b"2"}
+
+
+def test_retry_rereads_the_body_from_the_start(media_servers, tmp_path):
+    server, = media_servers(1, fail_first=1)
+    data = os.urandom(3 * 1024 * 1024)
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address])
+    storage.save("retried.bin", ContentFile(data))
+    assert server.files["/media/retried.bin"] == data
+    assert [status for _, _, status in server.log] == [503, 201]
+
+
+def test_distributed_retry_rereads_the_spool(media_servers):
+    servers = media_servers(2) + media_servers(1, fail_first=1)
+    data = os.urandom(2 * 1024 * 1024)  # spooled to a temporary file
+    DistributedStorage(hosts=[s.address for s in servers]).save("s.bin", ContentFile(data))
+    for server in servers:
+        assert server.files["/media/s.bin"] == data
+
+
+def test_delete_404_on_retry_counts_as_done(media_servers, caplog):
+    server, = media_servers(1)
+    server.files["/media/x.txt"] = b"x"
+    original = server._respond
+    answered = []
+
+    def delete_then_lose_the_answer(method, path, body):
+        result = original(method, path, body)
+        if not answered:
+            answered.append(result)
+            server._released.wait()  # acted, but never answers (until stop)
+        return result
+
+    server._respond = delete_then_lose_the_answer
+    transport = DefaultTransport(base_url="/media/", timeout=FAULT_TIMEOUT, retries=1)
+    assert transport.delete(server.address, "x.txt") is True
+    assert answered == [(204, b"")]
+    assert server.log == [("DELETE", "/media/x.txt", 404)]  # the retry's answer
+    assert server.files == {}
+    assert resto_records(caplog, logging.WARNING) == []
+
+
+def test_no_retries_when_set_to_zero(media_servers, tmp_path):
+    server, = media_servers(1, fail_first=1)
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address], retries=0)
+    with pytest.raises(ReplicationError, match="answered 503"):
+        storage.save("once.txt", ContentFile(b"1"))
+    assert len(server.log) == 1
+
+
+def test_slow_but_steady_upload_is_not_cut(media_servers, tmp_path):
+    # 4 MiB at about 8 MiB/s takes ~0.5 s, longer than the 0.3 s timeout; the
+    # bound grows with the body (one second per MiB).
+    server, = media_servers(1)
+    data = os.urandom(4 * 1024 * 1024)
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address],
+                            timeout=FAULT_TIMEOUT, retries=0)
+    original = server._application
+
+    def slow_reader(environ, start_response):
+        stream = environ["wsgi.input"]
+        chunks = []
+        while True:
+            chunk = stream.read(256 * 1024)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            gevent.sleep(0.03)
+        environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
+        return original(environ, start_response)
+
+    server._server.application = slow_reader
+    started = time.monotonic()
+    storage.save("steady.bin", ContentFile(data))
+    assert time.monotonic() - started > FAULT_TIMEOUT  # it did outlast the plain timeout
+    assert server.files["/media/steady.bin"] == data
+
+
+def test_a_killed_request_leaves_no_broken_connection(media_servers, tmp_path):
+    server, = media_servers(1, hang=True)
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address],
+                            timeout=FAULT_TIMEOUT, retries=0)
+    with pytest.raises(ReplicationError, match="no complete answer"):
+        storage.save("k1.txt", ContentFile(b"1"))
+    server.hang = False
+    storage.save("k2.txt", ContentFile(b"2"))
+    assert server.files == {"/media/k2.txt": b"2"}
+
+
+def test_signal_receiver_errors_do_not_break_saves(media_servers, tmp_path, caplog):
+    server, = media_servers(1, status=500)
+
+    def broken(sender, **kwargs):
+        raise RuntimeError("receiver bug")
+
+    django_resto_gevent.replication_failed.connect(broken)
+    try:
+        storage = HybridStorage(location=str(tmp_path), hosts=[server.address],
+                                fatal_exceptions=False)
+        storage.save("r.txt", ContentFile(b"r"))
+    finally:
+        django_resto_gevent.replication_failed.disconnect(broken)
+    assert any("receiver failed" in message for message in resto_records(caplog))
+
+
+###############################################################################
+# Reliability: AsyncStorage order, bounds, exit
+###############################################################################
+
+
+def test_async_keeps_the_order_of_operations_on_a_name(media_servers, tmp_path):
+    servers = media_servers(3, latency=0.01)
+    storage = AsyncStorage(location=str(tmp_path), hosts=[s.address for s in servers])
+    for round_number in range(5):
+        storage.save("o.txt", ContentFile(b"%d" % round_number))
+        storage.delete("o.txt")
+    storage.save("o.txt", ContentFile(b"last"))
+    assert storage.join(timeout=30)
+    for server in servers:
+        assert [(m, s) for m, _, s in server.log] == [("PUT", 201), ("DELETE", 204)] * 5 + [
+            ("PUT", 201)]
+        assert server.files == {"/media/o.txt": b"last"}
+
+
+def test_async_backlog_is_bounded(media_servers, tmp_path):
+    server, = media_servers(1)
+    release = gevent.event.Event()
+    storage = AsyncStorage(location=str(tmp_path), hosts=[server.address],
+                           async_max_pending=2, timeout=0.2, retries=0)
+    for index in range(2):
+        storage.execute_one(lambda host, name: release.wait(), server.address, "n%d" % index)
+    started = time.monotonic()
+    with pytest.raises(BacklogError, match="2 replications pending"):
+        storage.execute_one(lambda host, name: None, server.address, "n2")
+    assert 1.0 <= time.monotonic() - started < 5
+    release.set()
+    assert storage.join(timeout=10)
+    storage.save("after.txt", ContentFile(b"a"))  # room again
+    assert storage.join(timeout=10)
+    assert server.files == {"/media/after.txt": b"a"}
+
+
+def test_join_all_waits_for_every_async_storage(media_servers, tmp_path):
+    server, = media_servers(1, latency=0.2)
+    first = AsyncStorage(location=str(tmp_path / "1"), hosts=[server.address])
+    second = AsyncStorage(location=str(tmp_path / "2"), hosts=[server.address])
+    first.save("one.txt", ContentFile(b"1"))
+    second.save("two.txt", ContentFile(b"2"))
+    assert AsyncStorage.join_all(timeout=30)
+    assert server.files == {"/media/one.txt": b"1", "/media/two.txt": b"2"}
