@@ -1154,7 +1154,7 @@ def test_fault_matrix(fault, fatal, storage_class, media_servers, tmp_path, capl
         assert (tmp_path / "master" / "a.txt").read_bytes() == data
 
 
-@pytest.mark.parametrize("min_replicas, succeeds", [(1, True), (2, True), (3, False)])
+@pytest.mark.parametrize(("min_replicas", "succeeds"), [(1, True), (2, True), (3, False)])
 @pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
                          ids=lambda cls: cls.__name__)
 def test_write_quorum(storage_class, min_replicas, succeeds, media_servers, tmp_path, caplog,
@@ -1182,7 +1182,7 @@ def test_quorum_defaults_follow_fatal_exceptions(tmp_path):
     with override_settings(RESTO_MIN_REPLICAS=2):
         assert HybridStorage(location=str(tmp_path), hosts=hosts).min_replicas == 2
     with pytest.raises(ImproperlyConfigured, match="min_replicas=4 .* only 3 media hosts"):
-        HybridStorage(location=str(tmp_path), hosts=hosts, min_replicas=4).min_replicas
+        _ = HybridStorage(location=str(tmp_path), hosts=hosts, min_replicas=4).min_replicas
 
 
 def test_distributed_failed_save_leaves_the_name_free(media_servers):
