@@ -17,6 +17,8 @@ import tempfile  # noqa: E402
 import warnings  # noqa: E402
 
 import django  # noqa: E402
+import gevent  # noqa: E402
+import gevent.server  # noqa: E402
 import pytest  # noqa: E402
 from django.conf import settings  # noqa: E402
 
@@ -251,3 +253,60 @@ def nginx_hosts(nginx_session):
     nginx_session.clear()
     return nginx_session
 
+
+
+###############################################################################
+# A loopback delay proxy
+###############################################################################
+
+
+class DelayProxy:
+    """Forward TCP connections to ``target`` ("host:port"), ``delay`` seconds per chunk.
+
+    Each chunk of at most 64 KiB waits ``delay`` before it is forwarded, in
+    both directions, so a transfer slows down with its size: a stand-in for
+    a distant or slow media host in front of a real one. Runs on greenlets
+    of this (patched) process.
+    """
+
+    def __init__(self, target, delay):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.delay = delay
+        self._server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
+
+    @property
+    def address(self):
+        """The ``"127.0.0.1:port"`` entry to use instead of the target."""
+        return "127.0.0.1:%d" % self._server.server_port
+
+    def start(self):
+        """Start accepting; return self."""
+        self._server.start()
+        return self
+
+    def stop(self):
+        """Stop accepting and close every forwarded connection."""
+        self._server.stop(timeout=1)
+
+    def _handle(self, client, _address):
+        """Pipe one connection both ways until either side closes."""
+        upstream = socket.create_connection(self.target, timeout=10)
+        pipes = [gevent.spawn(self._pipe, client, upstream),
+                 gevent.spawn(self._pipe, upstream, client)]
+        gevent.joinall(pipes, count=1)
+        gevent.killall(pipes)
+        upstream.close()
+        client.close()
+
+    def _pipe(self, source, destination):
+        """Copy chunks from ``source`` to ``destination``, each one late."""
+        try:
+            while True:
+                chunk = source.recv(65536)
+                if not chunk:
+                    return
+                gevent.sleep(self.delay)
+                destination.sendall(chunk)
+        except OSError:
+            return

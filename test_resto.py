@@ -4,18 +4,23 @@ The oracles are the media servers' request logs and the bytes they hold:
 in memory for the in-process MediaServer, on disk for real nginx hosts.
 """
 
+import contextlib
 import copy
 import http.client
 import io
+import json
 import logging
 import os
 import pickle
+import random
+import re
 import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import gevent
 import gevent.event
@@ -28,7 +33,7 @@ from django.core.files.storage import default_storage
 from django.test import override_settings
 
 import django_resto_gevent
-from conftest import make_storage, settle
+from conftest import DelayProxy, make_storage, settle
 from django_resto_gevent import (
     AsyncStorage,
     BacklogError,
@@ -669,7 +674,8 @@ def test_failed_save_fatal(storage_class, count, media_servers, tmp_path, caplog
 def test_failed_save_not_fatal_logs_and_goes_on(storage_class, media_servers, tmp_path, caplog):
     servers, bad = _one_bad_host(media_servers, 3, status=500)
     hosts = [s.address for s in servers]
-    with pytest.warns(RuntimeWarning) if storage_class is DistributedStorage else nullcontext():
+    expected = pytest.warns(RuntimeWarning) if storage_class is DistributedStorage else None
+    with expected or contextlib.nullcontext():
         storage = make_storage(storage_class, hosts, tmp_path, fatal_exceptions=False)
     assert storage.save("b.txt", ContentFile(b"b")) == "b.txt"
     settle(storage)
@@ -1115,7 +1121,7 @@ def test_fault_matrix(fault, fatal, storage_class, media_servers, tmp_path, capl
     hosts = [good[0].address, good[1].address, bad_address]
     data = os.urandom(3000)  # more than reset_after
     with pytest.warns(RuntimeWarning) if (
-            storage_class is DistributedStorage and not fatal) else nullcontext():
+            storage_class is DistributedStorage and not fatal) else contextlib.nullcontext():
         storage = make_storage(storage_class, hosts, tmp_path, timeout=FAULT_TIMEOUT,
                                fatal_exceptions=fatal)
     recovers = FAULTS[fault][1]
@@ -1343,3 +1349,301 @@ def test_join_all_waits_for_every_async_storage(media_servers, tmp_path):
     second.save("two.txt", ContentFile(b"2"))
     assert AsyncStorage.join_all(timeout=30)
     assert server.files == {"/media/one.txt": b"1", "/media/two.txt": b"2"}
+
+
+def test_soak_random_faults_keep_every_saved_file(media_servers, tmp_path, monkeypatch):
+    """Thousands of operations with random faults: what save() returned is kept."""
+    monkeypatch.setattr(django_resto_gevent, "_RETRY_BACKOFF", 0.001)  # keep it short
+    rng = random.Random(20261124)
+    servers = media_servers(3)
+    storages = [
+        HybridStorage(location=str(tmp_path), hosts=[s.address for s in servers],
+                      min_replicas=2, retries=2, timeout=1),
+        DistributedStorage(hosts=[s.address for s in servers], min_replicas=2, retries=2,
+                           timeout=1),
+    ]
+    saved = {}  # name -> bytes, for every save() that returned
+    refused = 0
+    for step in range(2000):
+        storage = storages[step % 2]
+        victims = rng.sample(servers, rng.choice([0, 1, 1, 1, 2]))
+        for victim in victims:
+            fault = rng.choice(["retryable", "retryable", "error", "refuse"])
+            if fault == "retryable":
+                victim.fail_first = {"PUT": 1, "DELETE": 1, "HEAD": 1}
+            elif fault == "error":
+                victim.status = {"PUT": 500, "DELETE": 500}
+            else:
+                victim.read_only = True
+        try:
+            if saved and rng.random() < 0.25:
+                name = rng.choice(sorted(saved))
+                del saved[name]  # even a failed delete may have removed some copies
+                storage.delete(name)
+            else:
+                data = rng.randbytes(rng.choice([0, 10, 1000, 70_000]))
+                name = storage.save("soak/%d.bin" % step, ContentFile(data))
+                saved[name] = data
+        except ReplicationError:
+            refused += 1
+        finally:
+            for victim in victims:
+                victim.fail_first, victim.status, victim.read_only = 0, None, False
+    assert refused > 0
+    assert len(saved) > 500
+    for name, data in saved.items():
+        copies = [server.files.get("/media/" + name) for server in servers]
+        assert sum(copy == data for copy in copies) >= 2, name
+        assert all(copy in (None, data) for copy in copies), name
+
+
+###############################################################################
+# Reliability: processes that gevent did not patch, exit, gunicorn
+###############################################################################
+
+UNPATCHED_SCRIPT = r"""
+import json, sys, time
+import django
+from django.conf import settings
+settings.configure(MEDIA_URL="/media/")
+django.setup()
+from django.core.files.base import ContentFile
+import django_resto_gevent as resto
+
+assert not resto._sockets_patched()
+report = {}
+servers = [resto.MediaServer(latency=0.5).start() for _ in range(3)]
+hanging = resto.MediaServer(hang=True).start()
+trickling = resto.MediaServer(trickle=0.1).start()
+hosts = [server.address for server in servers]
+storage = resto.HybridStorage(location=sys.argv[1], hosts=hosts)
+started = time.monotonic()
+storage.save("parallel.txt", ContentFile(b"p"))
+report["parallel_seconds"] = time.monotonic() - started
+for server in servers:
+    server.latency = 0
+for name, bad in (("hang", hanging), ("trickle", trickling)):
+    storage = resto.HybridStorage(location=sys.argv[1], hosts=hosts + [bad.address],
+                                  timeout=0.3)
+    started = time.monotonic()
+    try:
+        storage.save(name + ".txt", ContentFile(b"x"))
+        report[name] = "saved"
+    except resto.ReplicationError as error:
+        report[name] = error.hosts == [bad.address]
+    report[name + "_seconds"] = time.monotonic() - started
+storage = resto.AsyncStorage(location=sys.argv[1], hosts=hosts)
+for index in range(20):
+    storage.save("async/%d.txt" % index, ContentFile(b"a"))
+report["joined"] = storage.join(timeout=30)
+report["files"] = [len(server.files) for server in servers]
+for server in servers + [hanging, trickling]:
+    server.stop()
+print(json.dumps(report))
+"""
+
+
+def test_unpatched_process_fans_out_on_threads_within_deadlines(tmp_path):
+    result = subprocess.run([sys.executable, "-c", UNPATCHED_SCRIPT, str(tmp_path)], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    # Three hosts answering in 0.5 s each: in parallel, not one after another.
+    assert report["parallel_seconds"] < 1.2
+    # Two attempts of at most 0.3 s each, plus a backoff, for hang and trickle.
+    assert report["hang"] is True
+    assert report["hang_seconds"] < 2.0
+    assert report["trickle"] is True
+    assert report["trickle_seconds"] < 2.0
+    assert report["joined"] is True
+    assert report["files"] == [1 + 2 + 20] * 3  # parallel, hang, trickle, async/*
+
+
+def test_pool_made_before_patching_is_not_reused_after():
+    script = (
+        "from django.conf import settings; settings.configure()\n"
+        "import django_resto_gevent as r\n"
+        "before = r._pool_manager(1)\n"
+        "from gevent import monkey; monkey.patch_all()\n"
+        "print(r._pool_manager(1) is before)\n"
+    )
+    output = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
+                            text=True, timeout=60, check=True).stdout
+    assert output.strip() == "False"
+
+
+@pytest.fixture
+def served_directory(tmp_path):
+    """Start ``python -m django_resto_gevent serve`` on a directory; stop it by PID."""
+    root = tmp_path / "served"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "django_resto_gevent", "serve", "--root", str(root),
+         "--latency", "0.02"],
+        cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        assert ready, "serve printed nothing within 30 seconds"
+        url = process.stdout.readline().split(" on ")[1].strip().rstrip("/")
+        yield url.split("//")[1], root
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        process.stdout.close()
+
+
+EXIT_SCRIPT = r"""
+import sys
+if sys.argv[1] == "patched":
+    from gevent import monkey
+    monkey.patch_all()
+import django
+from django.conf import settings
+settings.configure(MEDIA_URL="/media/", RESTO_ASYNC_EXIT_TIMEOUT=60)
+django.setup()
+from django.core.files.base import ContentFile
+import django_resto_gevent as resto
+
+storage = resto.AsyncStorage(location=sys.argv[3], hosts=[sys.argv[2]])
+for index in range(30):
+    storage.save("exit/%d.txt" % index, ContentFile(b"%d" % index))
+print(len(storage._background().pending))
+"""
+
+
+@pytest.mark.parametrize("mode", ["patched", "unpatched"])
+def test_async_replications_are_flushed_at_exit(mode, served_directory, tmp_path):
+    address, root = served_directory
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, mode, address, str(tmp_path / "master")],
+        cwd=HERE, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) > 0  # replications were pending when the script ended
+    for index in range(30):
+        assert (root / "media" / "exit" / ("%d.txt" % index)).read_bytes() == b"%d" % index
+
+
+GUNICORN_SITE = r'''
+import os
+
+from django.conf import settings
+
+settings.configure(
+    DEBUG=False,
+    SECRET_KEY="e2e",
+    ROOT_URLCONF=__name__,
+    ALLOWED_HOSTS=["127.0.0.1"],
+    MIDDLEWARE=[],
+    MEDIA_ROOT=os.environ["E2E_MEDIA_ROOT"],
+    MEDIA_URL="/media/",
+    RESTO_MEDIA_HOSTS=os.environ["E2E_HOSTS"].split(","),
+    STORAGES={
+        "default": {"BACKEND": "django_resto_gevent.AsyncStorage"},
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    },
+)
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.core.files.base import ContentFile  # noqa: E402
+from django.core.files.storage import default_storage  # noqa: E402
+from django.core.wsgi import get_wsgi_application  # noqa: E402
+from django.http import HttpResponse  # noqa: E402
+from django.urls import path  # noqa: E402
+
+
+def upload(request, name):
+    saved = default_storage.save(name, ContentFile(request.body))
+    return HttpResponse("%s %d" % (saved, len(default_storage._background().pending)))
+
+
+urlpatterns = [path("upload/<path:name>", upload)]
+application = get_wsgi_application()
+'''
+
+GUNICORN_CONFIG = r'''
+import sys
+
+
+def worker_exit(server, worker):
+    import django_resto_gevent
+    from django_resto_gevent import AsyncStorage
+
+    pending = sum(len(b.pending) for b in list(django_resto_gevent._backgrounds))
+    print("worker_exit pending=%d" % pending, file=sys.stderr, flush=True)
+    AsyncStorage.join_all(timeout=30)
+'''
+
+
+def find_gunicorn():
+    """Return the gunicorn next to this Python, or None."""
+    return shutil.which("gunicorn", path=os.path.dirname(sys.executable)) or shutil.which(
+        "gunicorn")
+
+
+def test_gunicorn_sigterm_flushes_pending_replications(nginx_hosts, tmp_path):
+    gunicorn = find_gunicorn()
+    if gunicorn is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI=true but gunicorn is not installed (pip install -e .[test])")
+        pytest.skip("gunicorn is not installed")
+    (tmp_path / "e2e_site.py").write_text(GUNICORN_SITE)
+    (tmp_path / "e2e_gunicorn.py").write_text(GUNICORN_CONFIG)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Slow paths to the nginx hosts keep replications pending at SIGTERM (a
+    # gevent worker notices the signal within a second; each upload takes ~3 s).
+    proxies = [DelayProxy(host, 0.2).start() for host in nginx_hosts.hosts]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, str(tmp_path)]),
+               E2E_MEDIA_ROOT=str(tmp_path / "media"),
+               E2E_HOSTS=",".join(proxy.address for proxy in proxies))
+    process = subprocess.Popen(
+        [gunicorn, "-k", "gevent", "-w", "1", "-b", "127.0.0.1:%d" % port, "-c",
+         str(tmp_path / "e2e_gunicorn.py"), "--graceful-timeout", "60", "e2e_site:application"],
+        cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                pass
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.1)
+                pytest.fail("gunicorn exited: " + process.stderr.read())
+        else:
+            pytest.fail("gunicorn did not accept connections within 30 seconds")
+        http = urllib3.PoolManager(retries=False, timeout=30)
+        uploads = {"e2e/%d.bin" % index: os.urandom(1024 * 1024) for index in range(6)}
+        pending_seen = []
+        for name, data in uploads.items():
+            response = http.request("POST", "http://127.0.0.1:%d/upload/%s" % (port, name),
+                                    body=data)
+            assert response.status == 200, response.data[:500]
+            saved, pending = response.data.decode().split()
+            assert saved == name
+            pending_seen.append(int(pending))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=90)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+            for proxy in proxies:
+                proxy.stop()
+    stderr = process.stderr.read()
+    process.stderr.close()
+    assert process.returncode == 0, stderr
+    assert max(pending_seen) > 0  # each view returned before its replication ended
+    pending_at_exit = re.findall("worker_exit pending=([0-9]+)", stderr)
+    assert pending_at_exit, stderr
+    assert int(pending_at_exit[0]) > 0  # SIGTERM came while replications were pending
+    for name, data in uploads.items():
+        _assert_on_nginx(nginx_hosts, name, data)
