@@ -110,10 +110,15 @@ _SETTINGS = {
     # None: every host when RESTO_FATAL_EXCEPTIONS, else 0 (see min_replicas).
     "min_replicas": ("RESTO_MIN_REPLICAS", None),
     "async_max_pending": ("RESTO_ASYNC_MAX_PENDING", 10000),
-    "async_exit_timeout": ("RESTO_ASYNC_EXIT_TIMEOUT", 30),
 }
 
-_DEFAULTS = dict(_SETTINGS.values())
+# Settings of the whole process, with no keyword: the exit flush covers every
+# AsyncStorage at once.
+_PROCESS_SETTINGS = {
+    "RESTO_ASYNC_EXIT_TIMEOUT": 30,
+}
+
+_DEFAULTS = dict(_SETTINGS.values(), **_PROCESS_SETTINGS)
 
 
 def get_setting(name):
@@ -195,7 +200,6 @@ _CHECKS = {
     "retries": _check_count,
     "min_replicas": _check_optional_count,
     "async_max_pending": _check_positive_count,
-    "async_exit_timeout": _check_timeout,
 }
 
 
@@ -1334,7 +1338,8 @@ def _flush_at_exit():
                   if background.pid == os.getpid())
     if not pending:
         return
-    timeout = get_setting("ASYNC_EXIT_TIMEOUT")
+    timeout = _check_timeout(get_setting("ASYNC_EXIT_TIMEOUT"),
+                             "The RESTO_ASYNC_EXIT_TIMEOUT setting")
     logger.info("Flushing %d pending replications before exit.", pending)
     if not AsyncStorage.join_all(timeout):
         left = sum(len(background.pending) for background in list(_backgrounds))
@@ -1764,7 +1769,9 @@ def _serve(args):
     if args.root:
         os.makedirs(args.root, exist_ok=True)
     server = MediaServer(root=args.root, host=args.host, port=args.port,
-                         read_only=args.read_only, status=args.status, latency=args.latency)
+                         read_only=args.read_only, status=args.status, latency=args.latency,
+                         fail_first=args.fail_first, hang=args.hang, trickle=args.trickle,
+                         reset_after=args.reset_after)
     server._bind()
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, server._server.stop)
@@ -1854,6 +1861,13 @@ def main(argv=None):
     serve.add_argument("--status", type=int, help="answer every request with this status")
     serve.add_argument("--latency", type=float, default=0.0,
                        help="seconds to wait before answering")
+    serve.add_argument("--fail-first", type=int, default=0, metavar="K",
+                       help="answer 503 to the first K requests")
+    serve.add_argument("--hang", action="store_true", help="read requests, never answer")
+    serve.add_argument("--trickle", type=float, default=0.0, metavar="SECONDS",
+                       help="send answers one byte every SECONDS")
+    serve.add_argument("--reset-after", type=int, metavar="BYTES",
+                       help="reset the connection after BYTES of a PUT body")
     args = parser.parse_args(argv)
     return {"demo": _demo, "serve": _serve}[args.command](args)
 

@@ -674,8 +674,8 @@ def test_failed_save_fatal(storage_class, count, media_servers, tmp_path, caplog
 def test_failed_save_not_fatal_logs_and_goes_on(storage_class, media_servers, tmp_path, caplog):
     servers, bad = _one_bad_host(media_servers, 3, status=500)
     hosts = [s.address for s in servers]
-    expected = pytest.warns(RuntimeWarning) if storage_class is DistributedStorage else None
-    with expected or contextlib.nullcontext():
+    distributed = storage_class is DistributedStorage
+    with pytest.warns(RuntimeWarning) if distributed else contextlib.nullcontext():
         storage = make_storage(storage_class, hosts, tmp_path, fatal_exceptions=False)
     assert storage.save("b.txt", ContentFile(b"b")) == "b.txt"
     settle(storage)
