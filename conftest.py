@@ -26,6 +26,9 @@ _SETTINGS = {
     "MEDIA_ROOT": tempfile.mkdtemp(prefix="resto-media-root-"),
     "MEDIA_URL": "/media/",
     "USE_TZ": True,
+    # Django 4.2's default logging mails admins about errors that
+    # send_robust() logs, which needs a secret key.
+    "SECRET_KEY": "django-resto-gevent-tests",
     "INSTALLED_APPS": [],
 }
 if django.VERSION < (5, 0):
