@@ -1016,9 +1016,15 @@ def test_media_server_in_an_unpatched_process_runs_on_a_thread():
         "    print(urllib3.request('PUT', s.url + '/t', body=b't', timeout=5).status)\n"
         "    print(s.files)\n"
     )
-    output = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
-                            text=True, timeout=60, check=True).stdout
-    assert output.split("\n")[:2] == ["201", "{'/t': b't'}"]
+    assert python_output(script).split("\n")[:2] == ["201", "{'/t': b't'}"]
+
+
+def python_output(script, *args):
+    """Run ``script`` in a new Python process (never patched); return its stdout."""
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=HERE,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 ###############################################################################
@@ -1444,10 +1450,7 @@ print(json.dumps(report))
 
 
 def test_unpatched_process_fans_out_on_threads_within_deadlines(tmp_path):
-    result = subprocess.run([sys.executable, "-c", UNPATCHED_SCRIPT, str(tmp_path)], cwd=HERE,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = json.loads(python_output(UNPATCHED_SCRIPT, str(tmp_path)))
     # Three hosts answering in 0.5 s each: in parallel, not one after another.
     assert report["parallel_seconds"] < 1.2
     # Two attempts of at most 0.3 s each, plus a backoff, for hang and trickle.
@@ -1467,9 +1470,7 @@ def test_pool_made_before_patching_is_not_reused_after():
         "from gevent import monkey; monkey.patch_all()\n"
         "print(r._pool_manager(1) is before)\n"
     )
-    output = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
-                            text=True, timeout=60, check=True).stdout
-    assert output.strip() == "False"
+    assert python_output(script).strip() == "False"
 
 
 @pytest.fixture
@@ -1514,12 +1515,8 @@ print(len(storage._background().pending))
 @pytest.mark.parametrize("mode", ["patched", "unpatched"])
 def test_async_replications_are_flushed_at_exit(mode, served_directory, tmp_path):
     address, root = served_directory
-    result = subprocess.run(
-        [sys.executable, "-c", EXIT_SCRIPT, mode, address, str(tmp_path / "master")],
-        cwd=HERE, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert int(result.stdout) > 0  # replications were pending when the script ended
+    pending = python_output(EXIT_SCRIPT, mode, address, str(tmp_path / "master"))
+    assert int(pending) > 0  # replications were pending when the script ended
     for index in range(30):
         assert (root / "media" / "exit" / ("%d.txt" % index)).read_bytes() == b"%d" % index
 
