@@ -1106,6 +1106,7 @@ class _ReplicationMixin:
         # Refuse a bad configuration before writing anything anywhere.
         for keyword in _SETTINGS:
             self._option(keyword)
+        self.min_replicas  # noqa: B018 (checks it against the number of hosts)
         return super().save(name, content, max_length=max_length)
 
     def __eq__(self, other):
@@ -1211,6 +1212,8 @@ class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
         deadline = None if timeout is None else time.monotonic() + timeout
         done = True
         for background in list(_backgrounds):
+            if background.pid != os.getpid():
+                continue  # inherited through fork(): its work belongs to the parent
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             done &= background.join(remaining)
         return done
@@ -1342,7 +1345,8 @@ def _flush_at_exit():
                              "The RESTO_ASYNC_EXIT_TIMEOUT setting")
     logger.info("Flushing %d pending replications before exit.", pending)
     if not AsyncStorage.join_all(timeout):
-        left = sum(len(background.pending) for background in list(_backgrounds))
+        left = sum(len(background.pending) for background in list(_backgrounds)
+                   if background.pid == os.getpid())
         logger.error(
             "%d replications were still pending after %s seconds at exit "
             "(RESTO_ASYNC_EXIT_TIMEOUT) and are abandoned; repair the hosts "

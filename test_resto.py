@@ -1193,8 +1193,10 @@ def test_quorum_defaults_follow_fatal_exceptions(tmp_path):
                          fatal_exceptions=False).min_replicas == 0
     with override_settings(RESTO_MIN_REPLICAS=2):
         assert HybridStorage(location=str(tmp_path), hosts=hosts).min_replicas == 2
+    storage = HybridStorage(location=str(tmp_path), hosts=hosts, min_replicas=4)
     with pytest.raises(ImproperlyConfigured, match="min_replicas=4 .* only 3 media hosts"):
-        _ = HybridStorage(location=str(tmp_path), hosts=hosts, min_replicas=4).min_replicas
+        storage.save("never.txt", ContentFile(b"x"))
+    assert not (tmp_path / "never.txt").exists()
 
 
 def test_distributed_failed_save_leaves_the_name_free(media_servers):
