@@ -315,9 +315,9 @@ class BacklogError(RestoError):
         super().__init__(
             "%s has %d replications pending (RESTO_ASYNC_MAX_PENDING) and none "
             "finished within %.1f seconds: the media hosts are not keeping up or "
-            "are down. The file is in the master copy; repair the hosts with "
-            "'python -m django_resto_gevent sync' once they are back, or raise "
-            "RESTO_ASYNC_MAX_PENDING." % (storage_name, pending, waited)
+            "are down. The file is in the master copy: copy it to the hosts once "
+            "they are back (e.g. with rsync), or raise RESTO_ASYNC_MAX_PENDING."
+            % (storage_name, pending, waited)
         )
 
 
