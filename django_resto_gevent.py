@@ -64,6 +64,7 @@ import queue
 import random
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
@@ -110,7 +111,17 @@ _SETTINGS = {
     # None: every host when RESTO_FATAL_EXCEPTIONS, else 0 (see min_replicas).
     "min_replicas": ("RESTO_MIN_REPLICAS", None),
     "async_max_pending": ("RESTO_ASYNC_MAX_PENDING", 10000),
+    # ("user", "password") for Basic auth, or a dict of headers to send.
+    "http_auth": ("RESTO_HTTP_AUTH", None),
+    # A PEM file of the CAs that sign the hosts' certificates (None: the
+    # system's CAs).
+    "ca_bundle": ("RESTO_CA_BUNDLE", None),
+    "tls_verify": ("RESTO_TLS_VERIFY", True),
 }
+
+# Keywords whose values are secrets: never logged, never in repr(), never
+# written by deconstruct() into a migration.
+_SECRET_KEYWORDS = frozenset(("http_auth",))
 
 # Settings of the whole process, with no keyword: the exit flush covers every
 # AsyncStorage at once.
@@ -185,6 +196,40 @@ def _check_optional_count(value, source):
     return None if value is None else _check_count(value, source)
 
 
+def _check_http_auth(value, source):
+    """Return the credentials ``value`` as a dict of headers, or raise a clear error.
+
+    The message shows the type of a bad value, never the value: it may hold
+    a password.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, (list, tuple)) and len(value) == 2 \
+            and all(isinstance(part, str) for part in value):
+        return urllib3.util.make_headers(basic_auth="%s:%s" % tuple(value))
+    if isinstance(value, dict) and all(
+            isinstance(key, str) and isinstance(text, str) for key, text in value.items()):
+        return dict(value)
+    raise ImproperlyConfigured(
+        "%s must be ('user', 'password') for Basic auth or a dict of headers such "
+        "as {'Authorization': 'Bearer <token>'}, not a %s (its value is not shown: "
+        "it may be a secret)." % (source, type(value).__name__)
+    )
+
+
+def _check_ca_bundle(value, source):
+    """Return None or the path of an existing CA file, or raise a clear error."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.path.isfile(value):
+        raise ImproperlyConfigured(
+            "%s is %r, which is not a file: point it at the PEM file of the CA "
+            "that signed your media hosts' certificates, or leave it unset to "
+            "use the system's CAs." % (source, value)
+        )
+    return os.fspath(value)
+
+
 def _check_flag(value, source):
     """Return the boolean ``value``, or raise a clear error."""
     if not isinstance(value, bool):
@@ -200,6 +245,9 @@ _CHECKS = {
     "retries": _check_count,
     "min_replicas": _check_optional_count,
     "async_max_pending": _check_positive_count,
+    "http_auth": _check_http_auth,
+    "ca_bundle": _check_ca_bundle,
+    "tls_verify": _check_flag,
 }
 
 
@@ -257,17 +305,22 @@ class RestoError(OSError):
 
 
 class UnexpectedStatusCode(RestoError):
-    """A media host answered with a status code the operation does not accept."""
+    """A media host answered with a status code the operation does not accept.
 
-    def __init__(self, method, url, host, status, expected=()):
+    ``hint`` says, in a sysadmin's words, what usually causes that status.
+    """
+
+    def __init__(self, method, url, host, status, expected=(), hint=None):
         self.method = method
         self.url = _redact(url)
         self.host = host
         self.status = status
         self.expected = tuple(expected)
+        self.hint = hint or _status_hint(method, status)
         super().__init__(
-            "%s %s answered %s, expected %s."
-            % (method, self.url, status, " or ".join(str(code) for code in self.expected))
+            "%s %s answered %s, expected %s.%s"
+            % (method, self.url, status, " or ".join(str(code) for code in self.expected),
+               " " + self.hint if self.hint else "")
         )
 
 
@@ -279,7 +332,67 @@ class TransportError(RestoError):
         self.url = _redact(url)
         self.host = host
         self.reason = reason
-        super().__init__("%s %s failed: %s" % (method, self.url, reason))
+        hint = _reason_hint(reason)
+        super().__init__("%s %s failed: %s%s" % (method, self.url, reason,
+                                                 " " + hint if hint else ""))
+
+    @property
+    def retryable(self):
+        """False when trying again cannot help (a certificate that fails verification)."""
+        return not _is_certificate_error(self.reason)
+
+
+# What usually causes an unexpected status, keyed by (method, status), then
+# by status alone. The words are for the sysadmin who reads the error.
+_STATUS_HINTS = {
+    ("PUT", 403): "403 on PUT: is dav_methods enabled and this address allowed?",
+    ("DELETE", 403): "403 on DELETE: is dav_methods enabled and this address allowed?",
+    ("MKCOL", 403): "403 on MKCOL: the server refuses to create directories; "
+                    "allow MKCOL or let PUT create them (nginx: create_full_put_path on).",
+    ("PUT", 404): "404 on PUT: the directory does not exist and the server does not "
+                  "create it; check MEDIA_URL and the server's root.",
+    ("PUT", 405): "405 on PUT: the server does not accept uploads here; enable them "
+                  "(nginx: dav_methods PUT DELETE).",
+    ("DELETE", 405): "405 on DELETE: enable it (nginx: dav_methods PUT DELETE).",
+    ("PUT", 409): "409: the server needs parent collections; allow MKCOL "
+                  "(nginx: dav_methods PUT DELETE MKCOL, or create_full_put_path on).",
+    401: "401: the host wants credentials; check RESTO_HTTP_AUTH.",
+    403: "403: the host refuses this client; check its allow/deny rules and "
+         "RESTO_HTTP_AUTH.",
+    202: "202: the host queued the request instead of doing it; a media host must "
+         "store the file before it answers.",
+    413: "413: the file is over the server's body limit; raise client_max_body_size "
+         "(nginx) or its equivalent.",
+    507: "507: the host's disk is full.",
+}
+
+
+def _status_hint(method, status):
+    """Return what usually causes ``status`` on ``method``, or None."""
+    return _STATUS_HINTS.get((method, status)) or _STATUS_HINTS.get(status)
+
+
+def _is_certificate_error(reason):
+    """Tell whether ``reason`` is, or wraps, a failed TLS certificate verification."""
+    pending, seen = [reason], 0
+    # urllib3 wraps ssl's error in its own, in args or as the cause.
+    while pending and seen < 8:
+        error = pending.pop()
+        seen += 1
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return True
+        if isinstance(error, BaseException):
+            pending.extend(arg for arg in error.args if isinstance(arg, BaseException))
+            pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+    return False
+
+
+def _reason_hint(reason):
+    """Return what to do about a request that got no answer, or None."""
+    if _is_certificate_error(reason):
+        return ("The host's TLS certificate could not be verified: set "
+                "RESTO_CA_BUNDLE to the PEM file of the CA that signed it.")
+    return None
 
 
 class ReplicationError(RestoError):
@@ -536,16 +649,31 @@ class DefaultTransport:
     exchange, which may take ``timeout`` plus one second per MiB of body.
     ``retries`` failed attempts (no answer, 502, 503, 504) are tried again
     at once, inline, so operations on a name keep their order.
+    ``http_auth``, ``ca_bundle`` and ``tls_verify`` have the meaning of the
+    settings of the same names; the credentials go to the media hosts only.
     """
 
-    def __init__(self, base_url=None, timeout=None, host_count=1, retries=None):
+    def __init__(self, base_url=None, timeout=None, host_count=1, retries=None,
+                 http_auth=None, ca_bundle=None, tls_verify=None):
         self.base_url = settings.MEDIA_URL if base_url is None else base_url
         self.timeout = get_setting("TIMEOUT") if timeout is None else timeout
         self.retries = get_setting("RETRIES") if retries is None else retries
         self.host_count = host_count
+        if http_auth is None:
+            http_auth = get_setting("HTTP_AUTH")
+        self._auth_headers = _check_http_auth(http_auth, "The RESTO_HTTP_AUTH setting")
+        ca_bundle = get_setting("CA_BUNDLE") if ca_bundle is None else ca_bundle
+        tls_verify = get_setting("TLS_VERIFY") if tls_verify is None else tls_verify
+        self._tls = _tls_pool_kwargs(ca_bundle, tls_verify)
         parts = urlsplit(self.base_url or "/")
         self._default_scheme = parts.scheme or "http"
         self._base_path = parts.path if parts.path.endswith("/") else parts.path + "/"
+
+    def __repr__(self):
+        # Never the credentials: only whether there are some.
+        return "<%s base_url=%r timeout=%r%s>" % (
+            type(self).__name__, self.base_url, self.timeout,
+            " with credentials" if self._auth_headers else "")
 
     def url(self, host, name):
         """Return the URL of ``name`` on ``host``."""
@@ -625,19 +753,69 @@ class DefaultTransport:
         A file is sent from its current position, streamed with an explicit
         Content-Length (``size``, or what remains of the file). Returns True
         on 201 (created) and False on 200 or 204 (an existing file was
-        overwritten, which is logged as a warning).
+        overwritten, which is logged as a warning). On a WebDAV server that
+        does not create parent directories, they are made with MKCOL and the
+        PUT is sent again.
+        """
+        status = self.put(host, name, content, size)
+        if status == 201:
+            return True
+        logger.warning("PUT on existing file %s on %s.", name, host)
+        return False
+
+    def put(self, host, name, content, size=None):
+        """PUT ``content`` as ``name`` on ``host``; return the status (201, 200 or 204).
+
+        Like ``create()``, without the warning on overwrite (``sync`` expects it).
         """
         url = self.url(host, name)
         if size is None:
             size = _remaining_size(content)
+        start = content.tell() if hasattr(content, "tell") else None
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        collections = self._collections(url)
+        if _known_collection_host(url):
+            # This host needs parent collections: make the missing ones first.
+            self._make_collections(host, url, collections, trust_cache=True)
         status = self._request("PUT", url, host, body=content, headers=headers, size=size).status
-        if status == 201:
-            return True
-        if status in (200, 204):
-            logger.warning("PUT on existing file %s on %s.", name, host)
-            return False
-        raise UnexpectedStatusCode("PUT", url, host, status, (201, 200, 204))
+        if status in _MISSING_PARENT_STATUSES and collections:
+            try:
+                self._make_collections(host, url, collections, trust_cache=False)
+            except UnexpectedStatusCode as refused:
+                raise UnexpectedStatusCode(
+                    "PUT", url, host, status, _PUT_STATUSES,
+                    hint="%s Creating the parent collections failed too: %s %s answered "
+                    "%d. %s" % (_status_hint("PUT", status) or "", refused.method,
+                                refused.url, refused.status, refused.hint or ""),
+                ) from refused
+            if start is not None:
+                content.seek(start)
+            status = self._request("PUT", url, host, body=content, headers=headers,
+                                   size=size).status
+        if status not in _PUT_STATUSES:
+            raise UnexpectedStatusCode("PUT", url, host, status, _PUT_STATUSES)
+        return status
+
+    def _collections(self, url):
+        """Return the collection URLs above ``url``, top down, e.g. ``.../media/a/``."""
+        origin = _origin(url)
+        return [origin + path for path in _collection_paths(urlsplit(url).path)]
+
+    def _make_collections(self, host, url, collections, trust_cache):
+        """MKCOL each missing collection top down; 201 and 405 (exists) are fine.
+
+        Collections made or found are remembered for the process, so later
+        saves into them pay nothing; ``trust_cache`` False asks again about
+        every one (the server said one is missing after all).
+        """
+        for collection in collections:
+            if trust_cache and collection in _known_collections:
+                continue
+            status = self._request("MKCOL", collection, host).status
+            if status not in (201, 405):
+                raise UnexpectedStatusCode("MKCOL", collection, host, status, (201, 405))
+            _known_collections.add(collection)
+        _collection_hosts.add(_origin(url))
 
     def delete(self, host, name):
         """DELETE ``name`` on ``host``.
@@ -674,8 +852,8 @@ class DefaultTransport:
                 time.sleep(_RETRY_BACKOFF * 2 ** (attempt - 2) * random.uniform(0.5, 1.5))
             try:
                 response = self._attempt(method, url, host, body, headers, preload_content, size)
-            except TransportError:
-                if attempt == attempts:
+            except TransportError as error:
+                if attempt == attempts or not error.retryable:
                     raise
                 logger.info("Retrying %s %s on %s.", method, _redact(url), host)
                 continue
@@ -690,13 +868,19 @@ class DefaultTransport:
 
     def _attempt(self, method, url, host, body, headers, preload_content, size):
         """Send one request within its deadline; wrap failures in TransportError."""
-        manager = _pool_manager(self.host_count)
         bound = _attempt_bound(self.timeout, size)
+        if self._auth_headers:
+            headers = dict(headers or (), **self._auth_headers)
         try:
+            parts = urllib3.util.parse_url(url)
+            pool = _pool_manager(self.host_count).connection_from_host(
+                parts.host, parts.port, parts.scheme,
+                pool_kwargs=self._tls if parts.scheme == "https" else None,
+            )
             with _deadline(bound):
-                return manager.urlopen(
+                return pool.urlopen(
                     method,
-                    url,
+                    parts.request_uri,
                     body=body,
                     headers=headers,
                     # After a large body, the answer may wait for the host to
@@ -705,10 +889,60 @@ class DefaultTransport:
                     timeout=urllib3.Timeout(connect=self.timeout, read=bound),
                     retries=False,
                     redirect=False,
+                    assert_same_host=False,
                     preload_content=preload_content,
                 )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransportError(method, url, host, exc) from exc
+
+
+# What a PUT may answer: created, or overwritten.
+_PUT_STATUSES = (201, 200, 204)
+
+# What a WebDAV server answers a PUT whose parent collection is missing:
+# 409 per RFC 4918 section 9.7.1; some servers say 404 or 403.
+_MISSING_PARENT_STATUSES = frozenset((409, 404, 403))
+
+# Collections known to exist, as URLs ending with "/", and the origins
+# ("scheme://netloc") that need them: shared by every transport of the
+# process, so that later saves into a known directory pay nothing.
+_known_collections = set()
+_collection_hosts = set()
+
+
+def _collection_paths(path):
+    """Return the collections above ``path``, top down: "/a/b/c" -> ["/a/", "/a/b/"]."""
+    segments = path.split("/")[1:-1]
+    return ["/" + "".join(segment + "/" for segment in segments[:depth])
+            for depth in range(1, len(segments) + 1)]
+
+
+def _origin(url):
+    """Return ``scheme://netloc`` of ``url``."""
+    parts = urlsplit(url)
+    return "%s://%s" % (parts.scheme, parts.netloc)
+
+
+def _known_collection_host(url):
+    """Tell whether the host of ``url`` was seen to need parent collections."""
+    return bool(_collection_hosts) and _origin(url) in _collection_hosts
+
+
+_insecure_warned = []
+
+
+def _tls_pool_kwargs(ca_bundle, tls_verify):
+    """Return the urllib3 pool keywords for HTTPS hosts; warn once if unverified."""
+    _check_flag(tls_verify, "The RESTO_TLS_VERIFY setting")
+    if not tls_verify:
+        if not _insecure_warned:
+            _insecure_warned.append(True)
+            logger.warning(
+                "RESTO_TLS_VERIFY is False: the TLS certificates of the media hosts "
+                "are not verified, so anyone on the path can read or change uploads.")
+        return {"cert_reqs": "CERT_NONE", "assert_hostname": False}
+    return {"cert_reqs": "CERT_REQUIRED",
+            "ca_certs": _check_ca_bundle(ca_bundle, "The RESTO_CA_BUNDLE setting")}
 
 
 def _not_found(name, host):
@@ -1050,7 +1284,8 @@ class _ReplicationMixin:
         """A transport for the current settings (cheap: connections are pooled per process)."""
         return self.transport_class(
             base_url=self.base_url, timeout=self.timeout, host_count=len(self.hosts),
-            retries=self.retries,
+            retries=self.retries, http_auth=self._option("http_auth"),
+            ca_bundle=self._option("ca_bundle"), tls_verify=self._option("tls_verify"),
         )
 
     def execute(self, func, name, *args, action=None):
@@ -1534,6 +1769,11 @@ class MediaServer:
       that have none get a short text body).
     - ``reset_after``: read this many bytes of a PUT body, then reset the
       connection without answering.
+    - ``require_collections``: behave like a WebDAV server (RFC 4918): a PUT
+      whose parent collection is missing gets 409; MKCOL creates one (201),
+      or answers 405 if it exists, 409 if its own parent is missing.
+    - ``require_headers``: a dict of headers (e.g. ``Authorization``) that
+      every request must carry, else 401.
 
     It runs on a greenlet where sockets are patched and on a thread of its
     own elsewhere, so it serves while the caller blocks.
@@ -1541,7 +1781,7 @@ class MediaServer:
 
     def __init__(self, root=None, host="127.0.0.1", port=0, read_only=False,
                  status=None, latency=0.0, fail_first=0, hang=False, trickle=0.0,
-                 reset_after=None):
+                 reset_after=None, require_collections=False, require_headers=None):
         self.root = None if root is None else os.path.realpath(root)
         self.files = {} if root is None else None
         self.bind_host = host
@@ -1553,6 +1793,10 @@ class MediaServer:
         self.hang = hang
         self.trickle = trickle
         self.reset_after = reset_after
+        self.require_collections = require_collections
+        self.require_headers = require_headers
+        # Collections (paths ending with "/") of the in-memory mode.
+        self.collections = {"/"}
         self.log = []
         self._server = None
         self._thread = None
@@ -1661,6 +1905,10 @@ class MediaServer:
             gevent.sleep(self.latency)
         if self._take_failure(method):
             status, payload = 503, b""
+        elif self.require_headers and any(
+                environ.get("HTTP_" + key.upper().replace("-", "_")) != value
+                for key, value in self.require_headers.items()):
+            status, payload = 401, b""
         else:
             status, payload = self._respond(method, path, body)
         self.log.append((method, path, status))
@@ -1697,9 +1945,9 @@ class MediaServer:
         forced = self.status.get(method) if isinstance(self.status, dict) else self.status
         if forced:
             return forced, b""
-        if self.read_only and method in ("PUT", "DELETE"):
+        if self.read_only and method in ("PUT", "DELETE", "MKCOL"):
             return 403, b""
-        if method not in ("GET", "HEAD", "PUT", "DELETE"):
+        if method not in ("GET", "HEAD", "PUT", "DELETE", "MKCOL"):
             return 405, b""
         if self.files is not None:
             return self._respond_from_memory(method, path, body)
@@ -1708,7 +1956,21 @@ class MediaServer:
     def _respond_from_memory(self, method, path, body):
         """Serve from the ``files`` dict."""
         exists = path in self.files
+        parent = path.rstrip("/").rpartition("/")[0] + "/"
+        if method == "MKCOL":
+            collection = path.rstrip("/") + "/"
+            if collection in self.collections or path.rstrip("/") in self.files:
+                return 405, b""
+            if parent not in self.collections:
+                return 409, b""
+            self.collections.add(collection)
+            return 201, b""
         if method == "PUT":
+            if parent not in self.collections:
+                if self.require_collections:
+                    return 409, b""
+                # Like nginx's create_full_put_path: make every parent.
+                self.collections.update(_collection_paths(path))
             self.files[path] = body
             return (204 if exists else 201), b""
         if not exists:
@@ -1724,7 +1986,16 @@ class MediaServer:
         if "\x00" in path or not target.startswith(self.root + os.sep):
             return 403, b""
         exists = os.path.isfile(target)
+        if method == "MKCOL":
+            if os.path.exists(target):
+                return 405, b""
+            if not os.path.isdir(os.path.dirname(target)):
+                return 409, b""
+            os.mkdir(target)
+            return 201, b""
         if method == "PUT":
+            if self.require_collections and not os.path.isdir(os.path.dirname(target)):
+                return 409, b""
             os.makedirs(os.path.dirname(target), exist_ok=True)
             handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".put-")
             with os.fdopen(handle, "wb") as output:
@@ -1757,8 +2028,8 @@ def _reset(sock):
 
 _REASONS = {
     200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
-    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-    410: "Gone", 500: "Internal Server Error", 502: "Bad Gateway",
+    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    409: "Conflict", 410: "Gone", 500: "Internal Server Error", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout",
 }
 
