@@ -110,7 +110,8 @@ error_log {prefix}/error.log warn;
 {user}
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    # One line per request with its connection: the oracle of keep-alive.
+    log_format resto '$request_method $request_uri $status $connection $connection_requests';
     client_body_temp_path {prefix}/client_body;
     proxy_temp_path {prefix}/proxy;
     fastcgi_temp_path {prefix}/fastcgi;
@@ -123,14 +124,15 @@ http {{
 
 _NGINX_SERVER = """\
     server {{
-        listen 127.0.0.1:{port};
-        root {root};
+        listen 127.0.0.1:{port}{ssl};
+{tls}        root {root};
+        access_log {root}.access.log resto;
         location /media/ {{
-            dav_methods PUT DELETE;
-            create_full_put_path on;
+            dav_methods {dav_methods};
+            create_full_put_path {create_full_put_path};
             dav_access user:rw group:r all:r;
             client_max_body_size 0;
-        }}
+{auth}        }}
     }}
 """
 
@@ -163,24 +165,51 @@ class NginxHosts:
     """One nginx master serving ``count`` media hosts, each from its own root.
 
     Files saved as ``name`` land at ``roots[i] / "media" / name``. Started and
-    stopped by PID; every wait is bounded.
+    stopped by PID; every wait is bounded. ``tls`` is a ``(certificate,
+    key)`` pair to serve HTTPS; ``htpasswd`` a password file that every
+    request must satisfy (Basic auth); ``webdav`` True makes the hosts
+    behave like RFC 4918 servers: no ``create_full_put_path``, ``MKCOL``
+    allowed.
     """
 
-    def __init__(self, directory, count=3):
+    def __init__(self, directory, count=3, tls=None, htpasswd=None, webdav=False):
         self.directory = str(directory)
         self.count = count
+        self.tls = tls
+        self.htpasswd = htpasswd
+        self.webdav = webdav
         self.process = None
         self.ports = []
         self.roots = []
 
     @property
     def hosts(self):
-        """The ``"127.0.0.1:port"`` entries for RESTO_MEDIA_HOSTS."""
-        return ["127.0.0.1:%d" % port for port in self.ports]
+        """The host entries for RESTO_MEDIA_HOSTS: ``"127.0.0.1:port"`` or ``https://...``."""
+        scheme = "https://" if self.tls else ""
+        return ["%s127.0.0.1:%d" % (scheme, port) for port in self.ports]
 
     def path(self, index, name):
         """Return where ``name`` lands on host number ``index``."""
         return os.path.join(self.roots[index], "media", name)
+
+    def requests(self, index):
+        """Return the requests host ``index`` logged: (method, uri, status, connection)."""
+        with open(self.roots[index] + ".access.log") as log:
+            return [tuple(line.split()[:4]) for line in log]
+
+    def _server_block(self, port, root):
+        """Return the nginx ``server`` block of one host."""
+        tls = auth = ""
+        if self.tls:
+            tls = "        ssl_certificate %s;\n        ssl_certificate_key %s;\n" % self.tls
+        if self.htpasswd:
+            auth = ('            auth_basic "media";\n'
+                    "            auth_basic_user_file %s;\n" % self.htpasswd)
+        return _NGINX_SERVER.format(
+            port=port, root=root, ssl=" ssl" if self.tls else "", tls=tls, auth=auth,
+            dav_methods="PUT DELETE MKCOL" if self.webdav else "PUT DELETE",
+            create_full_put_path="off" if self.webdav else "on",
+        )
 
     def start(self, nginx):
         """Start nginx; retry with new ports if one was taken meanwhile."""
@@ -195,10 +224,8 @@ class NginxHosts:
         self.roots = [os.path.join(self.directory, "host%d" % i) for i in range(self.count)]
         for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] + self.roots:
             os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
-        servers = "".join(
-            _NGINX_SERVER.format(port=port, root=root)
-            for port, root in zip(self.ports, self.roots, strict=True)
-        )
+        servers = "".join(self._server_block(port, root)
+                          for port, root in zip(self.ports, self.roots, strict=True))
         # Workers would run as "nobody" under root and could not write here.
         user = "user root;" if os.geteuid() == 0 else ""
         config = os.path.join(self.directory, "nginx.conf")
@@ -220,9 +247,11 @@ class NginxHosts:
         raise RuntimeError("nginx did not accept connections within 10 seconds")
 
     def clear(self):
-        """Remove every file the hosts hold."""
+        """Remove every file the hosts hold, and empty their request logs."""
         for root in self.roots:
             shutil.rmtree(os.path.join(root, "media"), ignore_errors=True)
+            with open(root + ".access.log", "w"):
+                pass  # nginx appends (O_APPEND) where the file now ends
 
     def stop(self):
         """Stop nginx (the master we started, by PID) and wait for it."""
@@ -236,16 +265,27 @@ class NginxHosts:
             self.process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def nginx_session(tmp_path_factory):
-    """Start one nginx with three media hosts for the whole session."""
-    nginx = find_nginx()
-    if nginx is None:
-        message = "nginx is not installed (apt-get install nginx-light)"
+def require(program, package):
+    """Return the path of ``program``; skip the test without it (fail in CI)."""
+    path = find_nginx() if program == "nginx" else shutil.which(program)
+    if path is None:
+        message = "%s is not installed (apt-get install %s)" % (program, package)
         if IN_CI:
             pytest.fail("CI=true but " + message)
         pytest.skip(message)
-    hosts = NginxHosts(tmp_path_factory.mktemp("nginx"), count=3).start(nginx)
+    return path
+
+
+def start_nginx(tmp_path_factory, **options):
+    """Start an NginxHosts with ``options`` in a new temporary directory."""
+    nginx = require("nginx", "nginx-light")
+    return NginxHosts(tmp_path_factory.mktemp("nginx"), count=3, **options).start(nginx)
+
+
+@pytest.fixture(scope="session")
+def nginx_session(tmp_path_factory):
+    """Start one nginx with three media hosts for the whole session."""
+    hosts = start_nginx(tmp_path_factory)
     yield hosts
     hosts.stop()
 
@@ -256,6 +296,96 @@ def nginx_hosts(nginx_session):
     nginx_session.clear()
     return nginx_session
 
+
+class Certificates:
+    """A certificate authority and a server certificate for 127.0.0.1, made with openssl.
+
+    ``ca`` signs ``server`` (with ``key``); ``other_ca`` signs nothing here:
+    a CA bundle that must not verify the hosts.
+    """
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+        self.ca = self._file("ca.pem")
+        self.other_ca = self._file("other-ca.pem")
+        self.server = self._file("server.pem")
+        self.key = self._file("server.key")
+
+    def _file(self, name):
+        """Return the path of ``name`` in the directory."""
+        return os.path.join(self.directory, name)
+
+    def make(self, openssl):
+        """Create the two CAs and the server certificate; return self."""
+        def run(*args):
+            subprocess.run([openssl, *args], cwd=self.directory, check=True, timeout=60,
+                           stdin=subprocess.DEVNULL, capture_output=True)
+
+        curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for name in ("ca", "other-ca"):
+            # openssl's default v3_ca section makes a CA that strict
+            # verification (Python 3.13) accepts.
+            run("req", "-x509", *curve, "-keyout", name + ".key", "-out", name + ".pem",
+                "-days", "2", "-subj", "/CN=django-resto-gevent test %s" % name)
+        run("req", *curve, "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1")
+        with open(self._file("server.ext"), "w") as extensions:
+            extensions.write(
+                "basicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                "extendedKeyUsage=serverAuth\n"
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                "subjectKeyIdentifier=hash\n"
+                "authorityKeyIdentifier=keyid,issuer\n"
+            )
+        run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
+        return self
+
+
+# Credentials of the HTTPS hosts: the secret must never appear in a log.
+NGINX_USER = "uploader"
+NGINX_PASSWORD = "s3cr3t-Pa55-for-tests"
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory):
+    """A test CA and a certificate for 127.0.0.1 that it signed."""
+    openssl = require("openssl", "openssl")
+    return Certificates(tmp_path_factory.mktemp("tls")).make(openssl)
+
+
+@pytest.fixture(scope="session")
+def nginx_https_session(tmp_path_factory, certificates):
+    """Start one nginx with three HTTPS media hosts behind Basic auth."""
+    htpasswd = tmp_path_factory.mktemp("auth") / "htpasswd"
+    htpasswd.write_text("%s:{PLAIN}%s\n" % (NGINX_USER, NGINX_PASSWORD))
+    hosts = start_nginx(tmp_path_factory, tls=(certificates.server, certificates.key),
+                        htpasswd=str(htpasswd))
+    yield hosts
+    hosts.stop()
+
+
+@pytest.fixture
+def nginx_https(nginx_https_session):
+    """The session's HTTPS nginx hosts, emptied before the test."""
+    nginx_https_session.clear()
+    return nginx_https_session
+
+
+@pytest.fixture(scope="session")
+def nginx_webdav_session(tmp_path_factory):
+    """Start one nginx with three hosts that need parent collections (MKCOL)."""
+    hosts = start_nginx(tmp_path_factory, webdav=True)
+    yield hosts
+    hosts.stop()
+
+
+@pytest.fixture
+def nginx_webdav(nginx_webdav_session):
+    """The session's WebDAV-style nginx hosts, emptied before the test."""
+    nginx_webdav_session.clear()
+    return nginx_webdav_session
 
 
 ###############################################################################

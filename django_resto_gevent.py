@@ -784,9 +784,10 @@ class DefaultTransport:
             except UnexpectedStatusCode as refused:
                 raise UnexpectedStatusCode(
                     "PUT", url, host, status, _PUT_STATUSES,
-                    hint="%s Creating the parent collections failed too: %s %s answered "
-                    "%d. %s" % (_status_hint("PUT", status) or "", refused.method,
-                                refused.url, refused.status, refused.hint or ""),
+                    hint="%s(Parent collections may be missing, but %s %s answered %d. "
+                    "%s)" % (_status_hint("PUT", status) + " " if _status_hint("PUT", status)
+                             else "", refused.method, refused.url, refused.status,
+                             refused.hint or "It did not create them."),
                 ) from refused
             if start is not None:
                 content.seek(start)
@@ -900,8 +901,9 @@ class DefaultTransport:
 _PUT_STATUSES = (201, 200, 204)
 
 # What a WebDAV server answers a PUT whose parent collection is missing:
-# 409 per RFC 4918 section 9.7.1; some servers say 404 or 403.
-_MISSING_PARENT_STATUSES = frozenset((409, 404, 403))
+# 409 per RFC 4918 section 9.7.1; some servers say 404 or 403, and nginx
+# without create_full_put_path says 500 (its rename() fails).
+_MISSING_PARENT_STATUSES = frozenset((409, 404, 403, 500))
 
 # Collections known to exist, as URLs ending with "/", and the origins
 # ("scheme://netloc") that need them: shared by every transport of the
@@ -1222,6 +1224,13 @@ class _ReplicationMixin:
                 )
             )
         self._resto_options = {key: options[key] for key in _SETTINGS if key in options}
+        # deconstruct() writes the constructor's keywords into migrations:
+        # keep secrets out of them (a storage rebuilt from a migration reads
+        # them from settings).
+        args, kwargs = getattr(self, "_constructor_args", ((), {}))
+        if _SECRET_KEYWORDS & set(kwargs):
+            self._constructor_args = (args, {key: value for key, value in kwargs.items()
+                                             if key not in _SECRET_KEYWORDS})
 
     def _option(self, keyword):
         """Return the value of ``keyword``: constructor keyword, else setting."""

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import gevent
 import gevent.event
@@ -33,7 +34,7 @@ from django.core.files.storage import default_storage
 from django.test import override_settings
 
 import django_resto_gevent
-from conftest import DelayProxy, make_storage, settle
+from conftest import NGINX_PASSWORD, NGINX_USER, DelayProxy, make_storage, settle
 from django_resto_gevent import (
     AsyncStorage,
     BacklogError,
@@ -304,7 +305,7 @@ def test_transport_status_rules(operation, status, expected, media_servers, capl
             assert error.url == "http://%s/media/a.txt" % server.address
     else:
         assert call(*args) == expected
-    if operation == "create" and status in (403, 404, 409):
+    if operation == "create" and status in (403, 404, 409, 500):
         # It may be a WebDAV server missing the parent collection: MKCOL it,
         # then PUT again, once.
         assert server.log == [(method, "/media/a.txt", status), ("MKCOL", "/media/", 201),
@@ -958,6 +959,259 @@ def test_nginx_host_down_fails_loudly(nginx_hosts, tmp_path):
         storage.save("partial.txt", ContentFile(b"p"))
     assert info.value.hosts == [refused.address]
     _assert_on_nginx(nginx_hosts, "partial.txt", b"p")
+
+
+###############################################################################
+# WebDAV servers that need parent collections (RFC 4918)
+###############################################################################
+
+
+def test_webdav_host_gets_parent_collections_made_top_down(media_servers):
+    server, = media_servers(1, require_collections=True)
+    storage = DistributedStorage(hosts=[server.address])
+    storage.save("a/b/deep.txt", ContentFile(b"deep"))
+    assert server.files == {"/media/a/b/deep.txt": b"deep"}
+    assert server.log[1:] == [
+        ("PUT", "/media/a/b/deep.txt", 409),
+        ("MKCOL", "/media/", 201),
+        ("MKCOL", "/media/a/", 201),
+        ("MKCOL", "/media/a/b/", 201),
+        ("PUT", "/media/a/b/deep.txt", 201),
+    ]
+
+
+def test_webdav_known_collections_cost_nothing_later(media_servers, tmp_path):
+    server, = media_servers(1, require_collections=True)
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address])
+    storage.save("x/one.txt", ContentFile(b"1"))
+    del server.log[:]
+    storage.save("x/two.txt", ContentFile(b"2"))
+    assert server.log == [("PUT", "/media/x/two.txt", 201)]
+    del server.log[:]
+    # A new directory under a known one: only that one is made, before the PUT.
+    storage.save("x/y/three.txt", ContentFile(b"3"))
+    assert server.log == [("MKCOL", "/media/x/y/", 201), ("PUT", "/media/x/y/three.txt", 201)]
+
+
+def test_webdav_collection_removed_behind_our_back_is_made_again(media_servers, tmp_path):
+    server, = media_servers(1, require_collections=True)
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address])
+    storage.save("gone/one.txt", ContentFile(b"1"))
+    server.files.clear()
+    server.collections.discard("/media/gone/")
+    del server.log[:]
+    storage.save("gone/two.txt", ContentFile(b"2"))
+    assert server.files == {"/media/gone/two.txt": b"2"}
+    assert server.log == [("PUT", "/media/gone/two.txt", 409), ("MKCOL", "/media/", 405),
+                          ("MKCOL", "/media/gone/", 201), ("PUT", "/media/gone/two.txt", 201)]
+
+
+def test_webdav_concurrent_saves_into_one_new_directory(media_servers, tmp_path):
+    servers = media_servers(2, require_collections=True, latency=0.01)
+    storage = HybridStorage(location=str(tmp_path), hosts=[s.address for s in servers])
+    names = ["together/%d.txt" % index for index in range(8)]
+    saves = [gevent.spawn(storage.save, name, ContentFile(name.encode())) for name in names]
+    gevent.joinall(saves, raise_error=True, timeout=30)
+    assert [save.value for save in saves] == names
+    for server in servers:
+        assert server.files == {"/media/" + name: name.encode() for name in names}
+        statuses = {status for method, _, status in server.log if method == "MKCOL"}
+        assert statuses <= {201, 405}
+
+
+def test_webdav_directory_mode_round_trip(tmp_path):
+    (tmp_path / "root").mkdir()
+    with MediaServer(root=str(tmp_path / "root"), require_collections=True) as server:
+        storage = DistributedStorage(hosts=[server.address])
+        storage.save("d1/d2/f.txt", ContentFile(b"f"))
+        assert (tmp_path / "root" / "media" / "d1" / "d2" / "f.txt").read_bytes() == b"f"
+        assert storage.open("d1/d2/f.txt").read() == b"f"
+
+
+def test_webdav_mkcol_refused_is_a_clear_error(media_servers, tmp_path):
+    server, = media_servers(1, require_collections=True, status={"MKCOL": 403})
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address])
+    with pytest.raises(ReplicationError) as info:
+        storage.save("sub/x.txt", ContentFile(b"x"))
+    error = info.value.failures[0][1]
+    assert isinstance(error, UnexpectedStatusCode)
+    assert (error.method, error.status) == ("PUT", 409)
+    assert "MKCOL http://%s/media/ answered 403" % server.address in str(error)
+    assert "needs parent collections" in str(error)
+    assert "refuses to create directories" in str(error)
+    assert server.files == {}
+    assert server.log == [("PUT", "/media/sub/x.txt", 409), ("MKCOL", "/media/", 403)]
+
+
+@pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
+                         ids=lambda cls: cls.__name__)
+def test_nginx_webdav_hosts_get_parent_collections(storage_class, nginx_webdav, tmp_path,
+                                                   monkeypatch):
+    # The session's nginx keeps its ports but was emptied: so must the
+    # process's memory of its collections be.
+    monkeypatch.setattr(django_resto_gevent, "_known_collections", set())
+    monkeypatch.setattr(django_resto_gevent, "_collection_hosts", set())
+    storage = make_storage(storage_class, nginx_webdav.hosts, tmp_path)
+    names = ["flat.txt", "new dir/caf\u00e9/n\u00e9.txt", "new dir/caf\u00e9/second.txt",
+             "new dir/other/third.txt"]
+    for name in names:
+        assert storage.save(name, ContentFile(name.encode())) == name
+    for name in names:
+        _assert_on_nginx(nginx_webdav, name, name.encode())
+    for index in range(3):
+        mkcols = [(uri, status) for method, uri, status, _ in nginx_webdav.requests(index)
+                  if method == "MKCOL"]
+        # Each collection made once, top down; none again for the second file.
+        assert mkcols == [("/media/", "201"), ("/media/new%20dir/", "201"),
+                          ("/media/new%20dir/caf%C3%A9/", "201"),
+                          ("/media/new%20dir/other/", "201")]
+
+
+###############################################################################
+# HTTPS and authentication
+###############################################################################
+
+
+def test_basic_auth_is_sent_to_the_media_hosts(media_servers, tmp_path):
+    expected = {"Authorization": "Basic dXBsb2FkZXI6cHc="}  # uploader:pw
+    servers = media_servers(2, require_headers=expected)
+    storage = HybridStorage(location=str(tmp_path), hosts=[s.address for s in servers],
+                            http_auth=("uploader", "pw"))
+    storage.save("auth.txt", ContentFile(b"a"))
+    storage.delete("auth.txt")
+    for server in servers:
+        assert [status for _, _, status in server.log] == [201, 204]
+
+
+def test_header_credentials_from_settings(media_servers):
+    token = {"Authorization": "Bearer t0ken-abc"}
+    server, = media_servers(1, require_headers=token)
+    with override_settings(RESTO_HTTP_AUTH=token):
+        storage = DistributedStorage(hosts=[server.address])
+        storage.save("bearer.txt", ContentFile(b"b"))
+        assert storage.exists("bearer.txt")
+    assert server.files == {"/media/bearer.txt": b"b"}
+
+
+def test_wrong_credentials_name_the_host_and_the_setting(media_servers, tmp_path, caplog):
+    good, bad = media_servers(2, require_headers={"Authorization": "Bearer right"})
+    storage = HybridStorage(location=str(tmp_path), hosts=[good.address, bad.address],
+                            http_auth={"Authorization": "Bearer wrong-secret"})
+    with pytest.raises(ReplicationError) as info:
+        storage.save("denied.txt", ContentFile(b"d"))
+    message = str(info.value)
+    assert good.address in message
+    assert bad.address in message
+    assert "401: the host wants credentials; check RESTO_HTTP_AUTH" in message
+    assert "wrong-secret" not in message
+    assert all("wrong-secret" not in record.getMessage() for record in caplog.records)
+
+
+def test_credentials_stay_out_of_migrations_and_repr(tmp_path):
+    storage = HybridStorage(location=str(tmp_path), hosts=["127.0.0.1:1"],
+                            http_auth=("user", "hidden-password"))
+    _, _, kwargs = storage.deconstruct()
+    assert "http_auth" not in kwargs
+    assert kwargs["hosts"] == ["127.0.0.1:1"]
+    for text in (repr(storage), repr(storage.transport), str(kwargs)):
+        assert "hidden-password" not in text
+    # The storage itself keeps them: a task queue gets a working copy.
+    assert pickle.loads(pickle.dumps(storage)).transport._auth_headers == \
+        storage.transport._auth_headers != {}
+
+
+@pytest.mark.parametrize("value", ["user:password", ("only-user",), {"Authorization": 1}])
+def test_bad_credentials_are_explained_without_showing_them(value, tmp_path):
+    storage = HybridStorage(location=str(tmp_path), hosts=["127.0.0.1:1"], http_auth=value)
+    with pytest.raises(ImproperlyConfigured, match="'http_auth' option of HybridStorage") as info:
+        storage.save("never.txt", ContentFile(b"x"))
+    assert "('user', 'password')" in str(info.value)
+    assert "password" not in str(value) or str(value) not in str(info.value)
+    assert not (tmp_path / "never.txt").exists()
+
+
+def test_missing_ca_bundle_is_explained(tmp_path):
+    storage = HybridStorage(location=str(tmp_path), hosts=["https://127.0.0.1:1"],
+                            ca_bundle=str(tmp_path / "nope.pem"))
+    with pytest.raises(ImproperlyConfigured, match="'ca_bundle' option .* not a file"):
+        storage.save("never.txt", ContentFile(b"x"))
+    assert not (tmp_path / "never.txt").exists()
+
+
+@pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
+                         ids=lambda cls: cls.__name__)
+def test_nginx_https_with_basic_auth(storage_class, nginx_https, certificates, tmp_path,
+                                     caplog):
+    caplog.set_level(logging.DEBUG)  # urllib3's own logs too: no secret in any
+    storage = make_storage(storage_class, nginx_https.hosts, tmp_path,
+                           ca_bundle=certificates.ca,
+                           http_auth=(NGINX_USER, NGINX_PASSWORD))
+    names = ["tls-%d.txt" % index for index in range(3)] + ["caf\u00e9 tls.txt"]
+    for name in names:
+        storage.save(name, ContentFile(name.encode() * 1000))
+    storage.delete(names[0])
+    for name in names[1:]:
+        _assert_on_nginx(nginx_https, name, name.encode() * 1000)
+    _assert_gone_from_nginx(nginx_https, names[0])
+    assert storage.size(names[1]) == len(names[1]) * 1000
+    for index in range(3):
+        requests = nginx_https.requests(index)
+        assert {status for _, _, status, _ in requests} <= {"200", "201", "204", "404"}
+        # Kept alive: every request to a host on one connection, one handshake.
+        assert len({connection for _, _, _, connection in requests}) == 1, requests
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert NGINX_PASSWORD not in logged
+    assert "dXBsb2FkZXI6" not in logged  # the start of the Basic token
+
+
+def test_nginx_https_wrong_ca_is_a_clear_error(nginx_https, certificates, tmp_path):
+    storage = HybridStorage(location=str(tmp_path), hosts=nginx_https.hosts,
+                            ca_bundle=certificates.other_ca,
+                            http_auth=(NGINX_USER, NGINX_PASSWORD))
+    with pytest.raises(ReplicationError) as info:
+        storage.save("untrusted.txt", ContentFile(b"u"))
+    assert info.value.hosts == nginx_https.hosts
+    message = str(info.value)
+    assert "CERTIFICATE_VERIFY_FAILED" in message
+    assert "set RESTO_CA_BUNDLE to the PEM file of the CA that signed it" in message
+    for index in range(3):
+        assert nginx_https.requests(index) == []  # nothing reached nginx's HTTP layer
+
+
+def test_nginx_https_without_ca_uses_the_system_cas_and_fails(nginx_https, tmp_path):
+    storage = DistributedStorage(hosts=nginx_https.hosts[:1], retries=0)
+    with pytest.raises(ReplicationError, match="CERTIFICATE_VERIFY_FAILED"):
+        storage.save("system-ca.txt", ContentFile(b"s"))
+
+
+def test_nginx_https_wrong_password_names_the_host(nginx_https, certificates, tmp_path,
+                                                   caplog):
+    storage = HybridStorage(location=str(tmp_path), hosts=nginx_https.hosts[:2],
+                            ca_bundle=certificates.ca,
+                            http_auth=(NGINX_USER, "not-the-password"))
+    with pytest.raises(ReplicationError) as info:
+        storage.save("denied.txt", ContentFile(b"d"))
+    assert info.value.hosts == nginx_https.hosts[:2]
+    assert all(error.status == 401 for _, error in info.value.failures)
+    assert "check RESTO_HTTP_AUTH" in str(info.value)
+    assert "not-the-password" not in str(info.value) + caplog.text
+    assert not os.path.exists(nginx_https.path(0, "denied.txt"))
+
+
+def test_nginx_https_unverified_warns_once(nginx_https, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(django_resto_gevent, "_insecure_warned", [])
+    with override_settings(RESTO_TLS_VERIFY=False,
+                           RESTO_HTTP_AUTH=(NGINX_USER, NGINX_PASSWORD)):
+        storage = DistributedStorage(hosts=nginx_https.hosts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+            for index in range(3):
+                storage.save("insecure-%d.txt" % index, ContentFile(b"i"))
+    _assert_on_nginx(nginx_https, "insecure-2.txt", b"i")
+    assert [message for message in resto_records(caplog, logging.WARNING)
+            if "RESTO_TLS_VERIFY is False" in message] != []
+    assert len([message for message in resto_records(caplog, logging.WARNING)
+                if "RESTO_TLS_VERIFY is False" in message]) == 1
 
 
 ###############################################################################
