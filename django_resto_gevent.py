@@ -782,13 +782,12 @@ class DefaultTransport:
             try:
                 self._make_collections(host, url, collections, trust_cache=False)
             except UnexpectedStatusCode as refused:
-                raise UnexpectedStatusCode(
-                    "PUT", url, host, status, _PUT_STATUSES,
-                    hint="%s(Parent collections may be missing, but %s %s answered %d. "
-                    "%s)" % (_status_hint("PUT", status) + " " if _status_hint("PUT", status)
-                             else "", refused.method, refused.url, refused.status,
-                             refused.hint or "It did not create them."),
-                ) from refused
+                mkcol = "(Parent collections may be missing, but %s %s answered %d.%s)" % (
+                    refused.method, refused.url, refused.status,
+                    " " + refused.hint if refused.hint else "")
+                hint = " ".join(filter(None, (_status_hint("PUT", status), mkcol)))
+                raise UnexpectedStatusCode("PUT", url, host, status, _PUT_STATUSES,
+                                           hint=hint) from refused
             if start is not None:
                 content.seek(start)
             status = self._request("PUT", url, host, body=content, headers=headers,
