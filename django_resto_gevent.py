@@ -372,26 +372,43 @@ def _status_hint(method, status):
     return _STATUS_HINTS.get((method, status)) or _STATUS_HINTS.get(status)
 
 
-def _is_certificate_error(reason):
-    """Tell whether ``reason`` is, or wraps, a failed TLS certificate verification."""
+def _find_cause(reason, types):
+    """Return the first exception of ``types`` in ``reason`` or what it wraps, or None."""
     pending, seen = [reason], 0
-    # urllib3 wraps ssl's error in its own, in args or as the cause.
+    # urllib3 wraps the socket's or ssl's error in its own, in args or as the cause.
     while pending and seen < 8:
         error = pending.pop()
         seen += 1
-        if isinstance(error, ssl.SSLCertVerificationError):
-            return True
+        if isinstance(error, types):
+            return error
         if isinstance(error, BaseException):
             pending.extend(arg for arg in error.args if isinstance(arg, BaseException))
             pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
-    return False
+    return None
+
+
+def _is_certificate_error(reason):
+    """Tell whether ``reason`` is, or wraps, a failed TLS certificate verification."""
+    return _find_cause(reason, ssl.SSLCertVerificationError) is not None
+
+
+# What to do about a request that got no answer, by the cause found first.
+_REASON_HINTS = (
+    (ssl.SSLCertVerificationError,
+     "The host's TLS certificate could not be verified: set RESTO_CA_BUNDLE to the "
+     "PEM file of the CA that signed it."),
+    (ConnectionRefusedError, "Is the media server running and listening there?"),
+    (socket.gaierror, "The host name does not resolve: check RESTO_MEDIA_HOSTS and DNS."),
+    ((TimeoutError, urllib3.exceptions.TimeoutError),
+     "No complete answer within RESTO_TIMEOUT: the host is down, overloaded or far."),
+)
 
 
 def _reason_hint(reason):
     """Return what to do about a request that got no answer, or None."""
-    if _is_certificate_error(reason):
-        return ("The host's TLS certificate could not be verified: set "
-                "RESTO_CA_BUNDLE to the PEM file of the CA that signed it.")
+    for types, hint in _REASON_HINTS:
+        if _find_cause(reason, types) is not None:
+            return hint
     return None
 
 
@@ -1170,6 +1187,26 @@ def _fan_out(func, hosts, name, *args):
     executor = _executor("fan-out")
     futures = [executor.submit(_run_on_host, func, host, name, args) for host in hosts]
     return [future.result() for future in futures]
+
+
+def _run_bounded(func, items, concurrency):
+    """Call ``func(item)`` for every item, at most ``concurrency`` at a time.
+
+    ``items`` is consumed lazily, so it may be a generator over millions of
+    files. ``func`` must not raise: it records its own outcome. Greenlets
+    where sockets are patched, threads elsewhere; returns when all are done.
+    """
+    if _sockets_patched():
+        pool = gevent.pool.Pool(concurrency)
+        for item in items:
+            pool.spawn(func, item)  # waits for a free slot
+        pool.join()
+        return
+    slots = threading.BoundedSemaphore(concurrency)
+    with concurrent.futures.ThreadPoolExecutor(concurrency, "resto-bounded") as executor:
+        for item in items:
+            slots.acquire()
+            executor.submit(func, item).add_done_callback(lambda _: slots.release())
 
 
 ###############################################################################
@@ -2047,6 +2084,371 @@ _REASONS = {
 ###############################################################################
 
 
+class _UsageError(Exception):
+    """A bad command line or configuration: the command exits with status 2."""
+
+
+def _load_storage(args):
+    """Set Django up from ``--settings`` and return the storage named ``--storage``."""
+    if args.settings:
+        os.environ["DJANGO_SETTINGS_MODULE"] = args.settings
+    if not settings.configured and not os.environ.get("DJANGO_SETTINGS_MODULE"):
+        raise _UsageError("No Django settings: pass --settings mysite.settings or set "
+                          "DJANGO_SETTINGS_MODULE.")
+    import django
+    from django.core.files.storage import InvalidStorageError, storages
+
+    try:
+        django.setup()
+        storage = storages[args.storage]
+    except InvalidStorageError as error:
+        raise _UsageError("No storage %r: %s Choose one of %s with --storage." % (
+            args.storage, error, ", ".join(storages.backends))) from error
+    except ImproperlyConfigured as error:
+        raise _UsageError(str(error)) from error
+    except ImportError as error:
+        raise _UsageError("Cannot import the settings or the storage: %s" % error) from error
+    if not isinstance(storage, _ReplicationMixin):
+        raise _UsageError(
+            "The storage %r is a %s, not a django_resto_gevent storage: choose another "
+            "with --storage." % (args.storage, type(storage).__name__))
+    return storage
+
+
+def _selected_hosts(storage, wanted):
+    """Return the storage's hosts, or the subset ``wanted`` of them."""
+    try:
+        hosts = storage.hosts
+    except ImproperlyConfigured as error:
+        raise _UsageError(str(error)) from error
+    if not wanted:
+        return list(hosts)
+    unknown = [host for host in wanted if host not in hosts]
+    if unknown:
+        raise _UsageError("--hosts names %s, which %s not among the storage's hosts: %s."
+                          % (", ".join(unknown), "is" if len(unknown) == 1 else "are",
+                             ", ".join(hosts)))
+    return [host for host in hosts if host in wanted]
+
+
+def _master_files(root, prefix):
+    """Yield ``(name, size)`` of every file of the master copy under ``prefix``, lazily.
+
+    Names use "/" and sort within each directory, so runs are repeatable;
+    only one directory's entries are in memory at a time.
+    """
+    start = os.path.join(root, prefix) if prefix else root
+    if os.path.isfile(start):
+        yield prefix, os.path.getsize(start)
+        return
+    stack = [start]
+    while stack:
+        directory = stack.pop()
+        with os.scandir(directory) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+        subdirectories = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirectories.append(entry.path)
+            elif entry.is_file():
+                name = os.path.relpath(entry.path, root).replace(os.sep, "/")
+                yield name, entry.stat().st_size
+        stack.extend(reversed(subdirectories))
+
+
+# A host that failed this many checks in a row, with no answer at all, is
+# taken as down for the rest of the sync instead of costing a timeout per file.
+_SYNC_DOWN_AFTER = 3
+
+# Failures listed per host at the end; the rest are counted.
+_SYNC_LISTED_FAILURES = 20
+
+
+class _SyncTally:
+    """What sync found and did on one host; updated from greenlets or threads."""
+
+    def __init__(self):
+        self.checked = self.present = self.missing = self.differ = 0
+        self.uploaded = self.failed = 0
+        self.failures = []
+        self.no_answer_in_a_row = 0
+        self.down = None  # the error that took the host as down
+
+    def fail(self, name, error):
+        """Count a file that could not be checked or repaired."""
+        self.failed += 1
+        if len(self.failures) < _SYNC_LISTED_FAILURES:
+            self.failures.append((name, error))
+
+
+class _Sync:
+    """Repair media hosts from the master copy of a Hybrid or Async storage."""
+
+    def __init__(self, storage, hosts, prefix, dry_run, concurrency, out, err):
+        self.storage = storage
+        self.transport = storage.transport
+        self.root = storage.location
+        self.hosts = hosts
+        self.prefix = prefix
+        self.dry_run = dry_run
+        self.concurrency = concurrency
+        self.out = out
+        self.err = err
+        self.tallies = {host: _SyncTally() for host in hosts}
+        self.lock = threading.Lock()
+        self.files = 0
+        self.total = None
+        self.started = time.monotonic()
+        self.shown = 0.0
+
+    def run(self):
+        """Check and repair every file on every host; return the exit status."""
+        interactive = self.err.isatty()
+        if interactive:
+            # The total, for the ETA: one more walk, in constant memory.
+            self.total = sum(1 for _ in _master_files(self.root, self.prefix))
+        _run_bounded(self._repair, self._pairs(), self.concurrency)
+        if interactive:
+            self._progress(final=True)
+        self._summary()
+        incomplete = any(tally.failed or (self.dry_run and tally.missing + tally.differ)
+                         for tally in self.tallies.values())
+        return 1 if incomplete else 0
+
+    def _pairs(self):
+        """Yield ``(name, size, host)`` for every file and host, file by file."""
+        for name, size in _master_files(self.root, self.prefix):
+            with self.lock:
+                self.files += 1
+            for host in self.hosts:
+                yield name, size, host
+
+    def _repair(self, item):
+        """Check one file on one host; upload it when missing or different."""
+        name, size, host = item
+        tally = self.tallies[host]
+        try:
+            self._check_and_upload(name, size, host, tally)
+        except Exception as error:
+            with self.lock:
+                tally.fail(name, error)
+                if isinstance(error, TransportError):
+                    tally.no_answer_in_a_row += 1
+                    if tally.no_answer_in_a_row >= _SYNC_DOWN_AFTER and tally.down is None:
+                        tally.down = error
+                else:
+                    tally.no_answer_in_a_row = 0
+        if self.err.isatty() and time.monotonic() - self.shown > 0.2:
+            self._progress()
+
+    def _check_and_upload(self, name, size, host, tally):
+        """HEAD ``name`` on ``host`` and PUT the master copy unless it matches."""
+        if tally.down is not None:
+            raise RestoError("not tried: %s was taken as down after %d failures in a "
+                             "row (%s)" % (host, _SYNC_DOWN_AFTER, tally.down))
+        try:
+            remote = self.transport.size(host, name)
+        except FileNotFoundError:
+            remote = None
+        with self.lock:
+            tally.checked += 1
+            tally.no_answer_in_a_row = 0
+            if remote == size:
+                tally.present += 1
+                return
+            if remote is None:
+                tally.missing += 1
+            else:
+                tally.differ += 1
+        if self.dry_run:
+            return
+        with open(os.path.join(self.root, name), "rb") as local_file:
+            self.transport.put(host, name, local_file, size)
+        with self.lock:
+            tally.uploaded += 1
+
+    def _progress(self, final=False):
+        """Show one line of progress on the terminal."""
+        self.shown = now = time.monotonic()
+        with self.lock:
+            checked = sum(tally.checked + tally.failed for tally in self.tallies.values())
+            uploaded = sum(tally.uploaded for tally in self.tallies.values())
+            failed = sum(tally.failed for tally in self.tallies.values())
+        rate = checked / max(now - self.started, 1e-6)
+        line = "%d/%s checks, %d uploaded, %d failed, %.0f/s" % (
+            checked, "?" if self.total is None else self.total * len(self.hosts), uploaded,
+            failed, rate)
+        if self.total is not None and rate > 0 and not final:
+            line += ", ETA %.0f s" % max(0.0, (self.total * len(self.hosts) - checked) / rate)
+        self.err.write("\r" + line.ljust(78) + ("\n" if final else ""))
+        self.err.flush()
+
+    def _summary(self):
+        """Print the per-host table and the failures."""
+        out = self.out
+        elapsed = time.monotonic() - self.started
+        upload_column = "to upload" if self.dry_run else "uploaded"
+        width = max([len("host")] + [len(host) for host in self.hosts])
+        columns = ("checked", "present", "missing", "differ", upload_column, "failed")
+        out.write("%-*s  %s\n" % (width, "host", "  ".join("%9s" % c for c in columns)))
+        for host, tally in self.tallies.items():
+            uploads = tally.missing + tally.differ if self.dry_run else tally.uploaded
+            figures = (tally.checked, tally.present, tally.missing, tally.differ, uploads,
+                       tally.failed)
+            out.write("%-*s  %s\n" % (width, host, "  ".join("%9d" % f for f in figures)))
+        for host, tally in self.tallies.items():
+            for name, error in tally.failures:
+                out.write("FAILED %s on %s: %s\n" % (name, host, error))
+            if tally.failed > len(tally.failures):
+                out.write("... and %d more failures on %s\n"
+                          % (tally.failed - len(tally.failures), host))
+        failed = sum(tally.failed for tally in self.tallies.values())
+        needed = sum(tally.missing + tally.differ for tally in self.tallies.values())
+        if failed:
+            outcome = "%d could not be checked or repaired" % failed
+        elif self.dry_run:
+            outcome = "%d uploads needed; nothing was changed" % needed
+        else:
+            outcome = "every host is complete"
+        out.write("%s%d files x %d hosts in %.1f s: %s.\n" % (
+            "Dry run: " if self.dry_run else "", self.files, len(self.hosts), elapsed, outcome))
+
+
+def _sync_command(args):
+    """Bring every media host in line with the master copy."""
+    storage = _load_storage(args)
+    if not isinstance(storage, FileSystemStorage):
+        raise _UsageError(
+            "The storage %r is a %s, which keeps no master copy: there is nothing to sync "
+            "from. sync repairs the hosts of a HybridStorage or AsyncStorage."
+            % (args.storage, type(storage).__name__))
+    hosts = _selected_hosts(storage, args.hosts)
+    prefix = (args.prefix or "").strip("/")
+    if prefix:
+        try:
+            _check_name(prefix)
+        except SuspiciousFileOperation as error:
+            raise _UsageError("--prefix %r is not a path inside the master copy: %s"
+                              % (args.prefix, error)) from error
+        if not os.path.exists(os.path.join(storage.location, prefix)):
+            raise _UsageError("--prefix %r: no such file or directory in the master copy %s."
+                              % (args.prefix, storage.location))
+    if not os.path.isdir(storage.location):
+        raise _UsageError("The master copy %s does not exist: check MEDIA_ROOT or the "
+                          "storage's location." % storage.location)
+    if args.concurrency < 1:
+        raise _UsageError("--concurrency must be 1 or more, not %d." % args.concurrency)
+    sync = _Sync(storage, hosts, prefix, args.dry_run, args.concurrency, sys.stdout,
+                 sys.stderr)
+    return sync.run()
+
+
+# The probe that check writes: small, and its name says who left it there.
+_CHECK_DIRECTORY = ".resto-check"
+
+
+def _check_command(args):
+    """Probe every media host with a small file; report status and latency."""
+    storage = _load_storage(args)
+    hosts = _selected_hosts(storage, args.hosts)
+    transport = storage.transport
+    name = "%s/%d-%s.txt" % (_CHECK_DIRECTORY, os.getpid(), os.urandom(6).hex())
+    data = b"django-resto-gevent check " + os.urandom(16).hex().encode() + b"\n"
+    steps = [
+        ("PUT", lambda host: transport.put(host, name, data)),
+        ("HEAD", lambda host: _expect(transport.size(host, name), len(data), "size")),
+        ("GET", lambda host: _expect(transport.content(host, name), data, "content")),
+    ]
+    reports = [result.value for result in _fan_out(
+        lambda host, _name: _probe(host, steps), hosts, name)]
+    public = _check_public_url(storage, transport, name, data)
+    written = {host: report for host, report in zip(hosts, reports, strict=True)
+               if report.get("PUT") is not None}
+    if written:
+        for result in _fan_out(_timed(transport.delete), list(written), name):
+            report = written[result.host]
+            report["DELETE"] = result.value if result.ok else None
+            if not result.ok and report["error"] is None:
+                report["error"] = result.error
+    width = max([len("host")] + [len(host) for host in hosts])
+    out = sys.stdout
+    out.write("%-*s  %9s %9s %9s %9s  %s\n" % (width, "host", "PUT", "HEAD", "GET", "DELETE",
+                                              "result"))
+    usable = True
+    for host, report in zip(hosts, reports, strict=True):
+        times = ["%7.1fms" % (report[step] * 1000) if report.get(step) is not None else "-"
+                 for step in ("PUT", "HEAD", "GET", "DELETE")]
+        error = report["error"]
+        usable &= error is None
+        out.write("%-*s  %9s %9s %9s %9s  %s\n" % (width, host, *times,
+                                                   "ok" if error is None
+                                                   else "FAILED: " + _explain(error)))
+    out.write("public URL %s: %s\n" % (storage.url(name), public))
+    out.write("%s\n" % ("Every media host is usable." if usable
+                        else "Some media hosts are unusable: see FAILED above."))
+    return 0 if usable else 1
+
+
+def _timed(func):
+    """Wrap ``func(host, name)`` to return the seconds it took."""
+    def timed(host, name):
+        started = time.perf_counter()
+        func(host, name)
+        return time.perf_counter() - started
+    return timed
+
+
+def _expect(value, expected, what):
+    """Raise RestoError unless ``value`` is ``expected``."""
+    if value != expected:
+        raise RestoError("the %s read back differs from what was written (%r, not %r)"
+                         % (what, value if what == "size" else value[:40],
+                            expected if what == "size" else expected[:40]))
+
+
+def _probe(host, steps):
+    """Run the check's steps on ``host`` in order, timing each, until one fails."""
+    report = {"error": None}
+    for step, func in steps:
+        started = time.perf_counter()
+        try:
+            func(host)
+        except Exception as error:
+            report[step] = None
+            report["error"] = error
+            break
+        report[step] = time.perf_counter() - started
+    return report
+
+
+def _explain(error):
+    """Say what went wrong in words a sysadmin acts on."""
+    if isinstance(error, UnexpectedStatusCode):
+        return error.hint or "%s answered %d" % (error.method, error.status)
+    if isinstance(error, TransportError):
+        hint = _reason_hint(error.reason)
+        return "%s got no answer: %s%s" % (error.method, error.reason,
+                                            " " + hint if hint else "")
+    return str(error)
+
+
+def _check_public_url(storage, transport, name, data):
+    """GET the probe through ``storage.url()``; say what came back."""
+    url = storage.url(name)
+    if not url.startswith(("http://", "https://")):
+        return "not fetched (MEDIA_URL is a path; set an absolute base_url to check it)"
+    try:
+        with _deadline(transport.timeout):
+            response = _pool_manager(1).request(
+                "GET", url, timeout=transport.timeout, retries=False, redirect=3)
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        return "not reachable from here (%s)" % error
+    if response.status != 200:
+        return "answered %d (is the public server in front of the media hosts?)" % (
+            response.status)
+    return "ok" if response.data == data else "served different bytes"
+
+
 def _serve(args):
     """Run one MediaServer until SIGINT or SIGTERM."""
     if args.root:
@@ -2129,7 +2531,11 @@ def _demo_line(storage, verb, name, size, hosts, started):
 
 
 def main(argv=None):
-    """Run the command line: ``python -m django_resto_gevent demo|serve``."""
+    """Run the command line: ``python -m django_resto_gevent demo|serve|sync|check``.
+
+    Returns the exit status: 0 when all is well, 1 when a media host is
+    incomplete or unusable, 2 for a bad command line or configuration.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m django_resto_gevent",
         description="Replicated media storage for Django, on gevent.",
@@ -2151,8 +2557,31 @@ def main(argv=None):
                        help="send answers one byte every SECONDS")
     serve.add_argument("--reset-after", type=int, metavar="BYTES",
                        help="reset the connection after BYTES of a PUT body")
+    for command, about in (("sync", "upload to the media hosts what they lack or hold "
+                                     "different (from the master copy)"),
+                           ("check", "probe every media host: PUT, HEAD, GET, DELETE")):
+        sub = commands.add_parser(command, help=about)
+        sub.add_argument("--settings", help="Django settings module (default: "
+                         "DJANGO_SETTINGS_MODULE)")
+        sub.add_argument("--storage", default="default", metavar="ALIAS",
+                         help="the STORAGES alias to use (default: default)")
+        sub.add_argument("--hosts", nargs="+", metavar="HOST",
+                         help="only these of the storage's hosts")
+        if command == "sync":
+            sub.add_argument("--prefix", metavar="PATH",
+                             help="only this file or directory of the master copy")
+            sub.add_argument("--dry-run", action="store_true",
+                             help="check only: report what would be uploaded")
+            sub.add_argument("--concurrency", type=int, default=16, metavar="N",
+                             help="checks and uploads in flight at once (default 16)")
     args = parser.parse_args(argv)
-    return {"demo": _demo, "serve": _serve}[args.command](args)
+    handler = {"demo": _demo, "serve": _serve, "sync": _sync_command,
+               "check": _check_command}[args.command]
+    try:
+        return handler(args)
+    except _UsageError as error:
+        print("error: %s" % error, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1328,6 +1328,279 @@ def test_serve_command_serves_a_directory_until_sigterm(tmp_path):
 
 
 ###############################################################################
+# Command line: sync and check
+###############################################################################
+
+MASTER_FILES = {
+    "a.txt": b"alpha",
+    "dir/b.txt": b"bravo" * 100,
+    "dir/sub/c.bin": bytes(range(256)) * 4096,  # 1 MiB
+    "caf\u00e9 x/d.txt": b"delta",
+}
+
+
+def write_master(root, files=MASTER_FILES):
+    """Write ``files`` into the master copy at ``root``."""
+    for name, data in files.items():
+        path = os.path.join(str(root), name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as output:
+            output.write(data)
+
+
+@contextlib.contextmanager
+def storage_alias(storage_class, hosts, location=None, **options):
+    """Configure the STORAGES alias "replicated" for the command line."""
+    options = dict(options, hosts=hosts)
+    if location is not None:
+        options["location"] = str(location)
+    backend = {"BACKEND": "django_resto_gevent." + storage_class.__name__, "OPTIONS": options}
+    with override_settings(STORAGES={"default": backend, "replicated": backend}):
+        yield
+
+
+def run_main(capsys, *argv):
+    """Run the command line in this (patched) process; return (status, stdout, stderr)."""
+    status = django_resto_gevent.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_sync_repairs_missing_and_truncated_files(media_servers, tmp_path, capsys, caplog):
+    write_master(tmp_path)
+    complete, missing, truncated = media_servers(3)
+    for name, data in MASTER_FILES.items():
+        complete.files["/media/" + name] = data
+        truncated.files["/media/" + name] = data
+    missing.files["/media/a.txt"] = b"alpha"
+    truncated.files["/media/dir/sub/c.bin"] = MASTER_FILES["dir/sub/c.bin"][:1000]
+    hosts = [complete.address, missing.address, truncated.address]
+    with storage_alias(HybridStorage, hosts, tmp_path):
+        status, out, err = run_main(capsys, "sync", "--storage", "replicated")
+    assert status == 0, out + err
+    for server in (complete, missing, truncated):
+        assert server.files == {"/media/" + name: data for name, data in MASTER_FILES.items()}
+    assert {method for method, _, _ in complete.log} == {"HEAD"}
+    assert sorted(path for method, path, _ in missing.log if method == "PUT") == sorted(
+        "/media/" + name for name in MASTER_FILES if name != "a.txt")
+    assert [path for method, path, _ in truncated.log if method == "PUT"] == [
+        "/media/dir/sub/c.bin"]
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:4]}
+    # checked, present, missing, differ, uploaded, failed
+    assert rows[complete.address] == ["4", "4", "0", "0", "0", "0"]
+    assert rows[missing.address] == ["4", "1", "3", "0", "3", "0"]
+    assert rows[truncated.address] == ["4", "3", "0", "1", "1", "0"]
+    assert "4 files x 3 hosts" in out
+    assert "every host is complete" in out
+    assert err == ""  # not a terminal: no progress line
+    assert resto_records(caplog, logging.WARNING) == []  # overwriting is the point
+
+
+def test_sync_dry_run_changes_nothing(media_servers, tmp_path, capsys):
+    write_master(tmp_path)
+    servers = media_servers(2)
+    with storage_alias(AsyncStorage, [s.address for s in servers], tmp_path):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--dry-run")
+    assert status == 1  # the hosts are incomplete: nothing was repaired
+    for server in servers:
+        assert server.files == {}
+        assert {method for method, _, _ in server.log} == {"HEAD"}
+        assert len(server.log) == len(MASTER_FILES)
+    assert "to upload" in out.splitlines()[0]
+    assert "Dry run: 4 files x 2 hosts" in out
+
+
+def test_sync_with_a_host_down_repairs_the_others(media_servers, tmp_path, capsys):
+    write_master(tmp_path, {"f%02d.txt" % index: b"%d" % index for index in range(12)})
+    up, = media_servers(1)
+    down = MediaServer().start()
+    down.stop()
+    with storage_alias(HybridStorage, [up.address, down.address], tmp_path, timeout=0.5,
+                       retries=0):
+        started = time.monotonic()
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated",
+                                  "--concurrency", "1")
+    assert status == 1
+    assert len(up.files) == 12
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:3]}
+    assert rows[up.address] == ["12", "0", "12", "0", "12", "0"]
+    assert rows[down.address][-1] == "12"  # failed
+    assert "FAILED f00.txt on %s: HEAD" % down.address in out
+    assert "Is the media server running and listening there?" in out
+    assert "taken as down after 3 failures in a row" in out
+    assert "12 could not be checked or repaired" in out
+    # Taken as down after 3 refusals, the host costs nothing more.
+    assert time.monotonic() - started < 10
+
+
+def test_sync_prefix_and_hosts_subset(media_servers, tmp_path, capsys):
+    write_master(tmp_path)
+    first, second = media_servers(2)
+    with storage_alias(HybridStorage, [first.address, second.address], tmp_path):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--prefix",
+                                  "dir", "--hosts", second.address)
+    assert status == 0, out
+    assert first.log == []
+    assert second.files == {"/media/dir/b.txt": MASTER_FILES["dir/b.txt"],
+                            "/media/dir/sub/c.bin": MASTER_FILES["dir/sub/c.bin"]}
+    assert "2 files x 1 hosts" in out
+
+
+def test_sync_empty_tree(media_servers, tmp_path, capsys):
+    server, = media_servers(1)
+    with storage_alias(HybridStorage, [server.address], tmp_path):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated")
+    assert status == 0
+    assert server.log == []
+    assert "0 files x 1 hosts" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--prefix", "../etc"], "--prefix '../etc' is not a path inside the master copy"),
+    (["--prefix", "nowhere"], "--prefix 'nowhere': no such file or directory"),
+    (["--hosts", "127.0.0.1:9"], "--hosts names 127.0.0.1:9, which is not among"),
+    (["--concurrency", "0"], "--concurrency must be 1 or more"),
+    (["--storage", "nonexistent"], "No storage 'nonexistent'"),
+])
+def test_sync_usage_errors_exit_2(argv, message, media_servers, tmp_path, capsys):
+    server, = media_servers(1)
+    with storage_alias(HybridStorage, [server.address], tmp_path):
+        status, _, err = run_main(capsys, "sync", "--storage", "replicated", *argv)
+    assert status == 2
+    assert message in err
+    assert server.log == []
+
+
+def test_sync_refuses_distributed_storage(media_servers, capsys):
+    server, = media_servers(1)
+    with storage_alias(DistributedStorage, [server.address]):
+        status, _, err = run_main(capsys, "sync", "--storage", "replicated")
+    assert status == 2
+    assert "keeps no master copy: there is nothing to sync from" in err
+    assert server.log == []
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+def test_sync_shows_progress_on_a_terminal(media_servers, tmp_path, monkeypatch, capsys):
+    write_master(tmp_path)
+    server, = media_servers(1)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with storage_alias(HybridStorage, [server.address], tmp_path):
+        assert django_resto_gevent.main(["sync", "--storage", "replicated"]) == 0
+    progress = terminal.getvalue()
+    assert progress.startswith("\r")
+    assert "4/4 checks, 4 uploaded, 0 failed" in progress
+    assert progress.endswith("\n")
+
+
+SETTINGS_MODULE = """
+MEDIA_ROOT = {root!r}
+MEDIA_URL = "/media/"
+USE_TZ = True
+RESTO_MEDIA_HOSTS = {hosts!r}
+STORAGES = {{
+    "default": {{"BACKEND": "django_resto_gevent.HybridStorage"}},
+    "staticfiles": {{"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}},
+}}
+"""
+
+
+def run_command(tmp_path, hosts, *argv):
+    """Run ``python -m django_resto_gevent`` (never patched) with a settings module."""
+    (tmp_path / "resto_cli_settings.py").write_text(
+        SETTINGS_MODULE.format(root=str(tmp_path / "master"), hosts=list(hosts)))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), HERE]))
+    return subprocess.run(
+        [sys.executable, "-m", "django_resto_gevent", *argv, "--settings",
+         "resto_cli_settings"], cwd=str(tmp_path), env=environment, capture_output=True,
+        text=True, timeout=120)
+
+
+def test_sync_command_repairs_nginx_hosts(nginx_hosts, tmp_path):
+    write_master(tmp_path / "master")
+    # Host 0 is complete, host 1 lost a file, host 2 holds a truncated one.
+    for index in range(3):
+        write_master(os.path.join(nginx_hosts.roots[index], "media"))
+    os.remove(nginx_hosts.path(1, "dir/b.txt"))
+    with open(nginx_hosts.path(2, "dir/sub/c.bin"), "r+b") as truncated:
+        truncated.truncate(10)
+    result = run_command(tmp_path, nginx_hosts.hosts, "sync")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name, data in MASTER_FILES.items():
+        _assert_on_nginx(nginx_hosts, name, data)
+    methods = [{method for method, _, _, _ in nginx_hosts.requests(i)} for i in range(3)]
+    assert methods == [{"HEAD"}, {"HEAD", "PUT"}, {"HEAD", "PUT"}]
+    assert "every host is complete" in result.stdout
+
+
+def test_check_command_on_nginx_hosts(nginx_hosts, tmp_path):
+    os.makedirs(tmp_path / "master")
+    result = run_command(tmp_path, nginx_hosts.hosts, "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["host", "PUT", "HEAD", "GET", "DELETE", "result"]
+    for host, line in zip(nginx_hosts.hosts, lines[1:4], strict=True):
+        assert line.startswith(host)
+        assert line.endswith(" ok")
+        assert line.count("ms") == 4
+    assert "public URL /media/.resto-check/" in result.stdout
+    assert "not fetched (MEDIA_URL is a path" in result.stdout
+    for index in range(3):
+        methods = [method for method, _, status, _ in nginx_hosts.requests(index)]
+        assert methods == ["PUT", "HEAD", "GET", "DELETE"]
+        assert os.listdir(os.path.join(nginx_hosts.roots[index], "media", ".resto-check")) \
+            == []
+
+
+@pytest.mark.parametrize(("knobs", "explanation"), [
+    ({"read_only": True}, "403 on PUT: is dav_methods enabled and this address allowed?"),
+    ({"status": {"PUT": 413}}, "413: the file is over the server's body limit; raise "
+                               "client_max_body_size"),
+    ({"require_collections": True, "status": {"MKCOL": 405, "PUT": 409}},
+     "409: the server needs parent collections"),
+    ({"require_headers": {"Authorization": "Bearer x"}}, "check RESTO_HTTP_AUTH"),
+    ({"hang": True}, "No complete answer within RESTO_TIMEOUT"),
+])
+def test_check_command_explains_unusable_hosts(knobs, explanation, media_servers, tmp_path,
+                                               capsys):
+    good, = media_servers(1)
+    bad, = media_servers(1, **knobs)
+    with storage_alias(DistributedStorage, [good.address, bad.address], timeout=0.5,
+                       retries=0):
+        status, out, _ = run_main(capsys, "check", "--storage", "replicated")
+    assert status == 1, out
+    lines = out.splitlines()
+    assert lines[1].startswith(good.address)
+    assert lines[1].endswith(" ok")
+    assert lines[2].startswith(bad.address)
+    assert "FAILED: " in lines[2]
+    assert explanation in lines[2]
+    assert lines[-1] == "Some media hosts are unusable: see FAILED above."
+    assert good.files == {}  # the probe was removed
+    assert [method for method, _, _ in good.log] == ["PUT", "HEAD", "GET", "DELETE"]
+
+
+def test_check_command_fetches_an_absolute_public_url(media_servers, capsys):
+    servers = media_servers(2)
+    # The public URL is the first media host itself, as a CDN would be in front.
+    with storage_alias(DistributedStorage, [s.address for s in servers],
+                       base_url=servers[0].url + "/media/"):
+        status, out, _ = run_main(capsys, "check", "--storage", "replicated")
+    assert status == 0, out
+    assert "public URL %s/media/.resto-check/" % servers[0].url in out
+    assert out.splitlines()[-2].endswith(": ok")
+    assert [method for method, _, _ in servers[0].log] == ["PUT", "HEAD", "GET", "GET",
+                                                            "DELETE"]
+
+
+###############################################################################
 # Reliability: the fault matrix
 ###############################################################################
 
