@@ -55,10 +55,15 @@ import argparse
 import atexit
 import concurrent.futures
 import contextlib
+import datetime
 import errno
+import functools
+import hashlib
+import hmac
 import inspect
 import io
 import logging
+import mimetypes
 import os
 import queue
 import random
@@ -74,7 +79,7 @@ import time
 import warnings
 import weakref
 from collections import namedtuple
-from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit, urlunsplit
 
 import gevent
 import gevent.event
@@ -117,11 +122,15 @@ _SETTINGS = {
     # system's CAs).
     "ca_bundle": ("RESTO_CA_BUNDLE", None),
     "tls_verify": ("RESTO_TLS_VERIFY", True),
+    # Credentials and default region of the "s3+https://endpoint/bucket" hosts.
+    "s3_access_key_id": ("RESTO_S3_ACCESS_KEY_ID", None),
+    "s3_secret_access_key": ("RESTO_S3_SECRET_ACCESS_KEY", None),
+    "s3_region": ("RESTO_S3_REGION", "us-east-1"),
 }
 
 # Keywords whose values are secrets: never logged, never in repr(), never
 # written by deconstruct() into a migration.
-_SECRET_KEYWORDS = frozenset(("http_auth",))
+_SECRET_KEYWORDS = frozenset(("http_auth", "s3_secret_access_key"))
 
 # Settings of the whole process, with no keyword: the exit flush covers every
 # AsyncStorage at once.
@@ -161,7 +170,7 @@ def _check_hosts(value, source):
             "['media1:80', 'media2:80']." % source
         )
     for host in value:
-        _split_host(host, "http", source)
+        _parse_host(host, "http", source)
     return tuple(value)
 
 
@@ -230,6 +239,22 @@ def _check_ca_bundle(value, source):
     return os.fspath(value)
 
 
+def _check_optional_text(value, source):
+    """Return None or a non-empty string, or raise a clear error."""
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    raise ImproperlyConfigured("%s must be a non-empty string, not %r." % (source, value))
+
+
+def _check_secret(value, source):
+    """Return None or a non-empty string; a bad value is described, never shown."""
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    raise ImproperlyConfigured(
+        "%s must be a non-empty string, not a %s (its value is not shown: it may "
+        "be a secret)." % (source, type(value).__name__))
+
+
 def _check_flag(value, source):
     """Return the boolean ``value``, or raise a clear error."""
     if not isinstance(value, bool):
@@ -248,20 +273,40 @@ _CHECKS = {
     "http_auth": _check_http_auth,
     "ca_bundle": _check_ca_bundle,
     "tls_verify": _check_flag,
+    "s3_access_key_id": _check_optional_text,
+    "s3_secret_access_key": _check_secret,
+    "s3_region": _check_optional_text,
 }
 
 
-def _split_host(host, default_scheme, source="RESTO_MEDIA_HOSTS"):
-    """Return (scheme, netloc) for a host entry, or raise a clear error.
+class _Endpoint(namedtuple("_Endpoint", "scheme netloc bucket prefix region")):
+    """A parsed host entry: where requests go, and for S3 the bucket and key prefix.
 
-    An entry is ``"host:port"``, whose scheme is ``default_scheme``, or a full
-    ``"http://host:port"`` / ``"https://host:port"`` URL without a path.
+    ``bucket`` is None for a plain HTTP host. ``prefix`` is None when the
+    key prefix is the path of MEDIA_URL, as for plain hosts.
+    """
+
+    __slots__ = ()
+
+
+_HOST_FORMS = ("Write each host as 'host:port', 'http://host:port', 'https://host:port' "
+               "or 's3+https://endpoint/bucket'.")
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_host(host, default_scheme, source="RESTO_MEDIA_HOSTS"):
+    """Return the _Endpoint of a host entry, or raise a clear error.
+
+    An entry is ``"host:port"``, whose scheme is ``default_scheme``; a full
+    ``"http://host:port"`` / ``"https://host:port"`` URL without a path (the
+    path comes from MEDIA_URL); or an S3 bucket, path-style:
+    ``"s3+https://endpoint[:port]/bucket[/key/prefix][?region=name]"``.
     """
     if not isinstance(host, str) or not host.strip():
-        raise ImproperlyConfigured(
-            "%s contains %r, which is not a media host. Write each host as "
-            "'host:port' or 'http://host:port'." % (source, host)
-        )
+        raise ImproperlyConfigured("%s contains %r, which is not a media host. %s"
+                                   % (source, host, _HOST_FORMS))
+    if host.startswith("s3+"):
+        return _parse_s3_host(host, source)
     if "://" in host:
         parts = urlsplit(host)
         scheme, netloc = parts.scheme, parts.netloc
@@ -272,13 +317,31 @@ def _split_host(host, default_scheme, source="RESTO_MEDIA_HOSTS"):
                 "'http://host:port' or 'https://host:port', without a path: "
                 "the path comes from MEDIA_URL." % (source, host)
             )
-        return scheme, netloc
+        return _Endpoint(scheme, netloc, None, None, None)
     if "/" in host or " " in host:
+        raise ImproperlyConfigured("%s contains %r, which is not a media host. %s"
+                                   % (source, host, _HOST_FORMS))
+    return _Endpoint(default_scheme, host, None, None, None)
+
+
+def _parse_s3_host(host, source):
+    """Return the _Endpoint of an ``s3+http(s)://endpoint/bucket[/prefix]`` entry."""
+    parts = urlsplit(host[len("s3+"):])
+    segments = [segment for segment in parts.path.split("/") if segment]
+    query = parse_qs(parts.query)
+    if parts.scheme not in ("http", "https") or not parts.netloc or not segments \
+            or parts.fragment or set(query) - {"region"} or "@" in parts.netloc:
         raise ImproperlyConfigured(
-            "%s contains %r, which is not a media host. Write each host as "
-            "'host:port' or 'http://host:port'." % (source, host)
+            "%s contains %r, which is not an S3 bucket. Write it as "
+            "'s3+https://endpoint[:port]/bucket', optionally followed by a key "
+            "prefix ('/bucket/media/') and '?region=eu-west-1'; credentials go in "
+            "RESTO_S3_ACCESS_KEY_ID and RESTO_S3_SECRET_ACCESS_KEY, never in the "
+            "entry." % (source, host)
         )
-    return default_scheme, host
+    bucket, rest = segments[0], segments[1:]
+    prefix = "".join(segment + "/" for segment in rest) if rest else None
+    region = query["region"][0] if "region" in query else None
+    return _Endpoint(parts.scheme, parts.netloc, bucket, prefix, region)
 
 
 ###############################################################################
@@ -657,6 +720,170 @@ _DEADLINE_POOL_CLASSES = {
 }
 
 
+# AWS Signature Version 4, for the S3 hosts: written from AWS's description
+# of header-based signing, with the standard library only.
+
+# The payload hash of an empty body, which every SDK sends for GET, HEAD and
+# DELETE; UNSIGNED-PAYLOAD lets a body be streamed without reading it twice.
+_SHA256_EMPTY = hashlib.sha256(b"").hexdigest()
+_UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+
+_SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
+
+# Headers a proxy or the HTTP library may add, drop or rewrite on the way:
+# signing them would make a correct request fail verification.
+_SIGV4_UNSIGNED_HEADERS = frozenset((
+    "authorization",
+    "connection",
+    "expect",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "user-agent",
+    "x-amzn-trace-id",
+))
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# Derived signing keys change once a day per region and service: deriving one
+# costs four HMACs, so keep the few in use (cleared when it grows).
+_sigv4_key_cache = {}
+_sigv4_key_lock = threading.Lock()
+_SIGV4_KEY_CACHE_SIZE = 32
+
+
+def _sigv4_hmac(key, message):
+    """Return the HMAC-SHA256 digest of the text ``message`` under ``key``."""
+    return hmac.new(key, message.encode("utf-8"), hashlib.sha256).digest()
+
+
+def _sigv4_signing_key(secret_key, date, region, service):
+    """Return the derived signing key for one day, region and service."""
+    cache_key = (secret_key, date, region, service)
+    key = _sigv4_key_cache.get(cache_key)
+    if key is None:
+        key = _sigv4_hmac(("AWS4%s" % secret_key).encode("utf-8"), date)
+        for part in (region, service, "aws4_request"):
+            key = _sigv4_hmac(key, part)
+        with _sigv4_key_lock:
+            if len(_sigv4_key_cache) >= _SIGV4_KEY_CACHE_SIZE:
+                _sigv4_key_cache.clear()
+            _sigv4_key_cache[cache_key] = key
+    return key
+
+
+def _sigv4_encode(text, safe=""):
+    """Percent-encode ``text`` as SigV4 wants: all but A-Z a-z 0-9 - _ . ~, in upper hex."""
+    # quote() never encodes those four marks and writes upper-case hex.
+    return quote(text, safe=safe)
+
+
+def _sigv4_canonical_uri(path):
+    """Return the canonical URI of an already percent-encoded ``path``.
+
+    S3 encodes the object key once (no double encoding) and does not
+    normalise "." or "//" segments. Decoding first means a path encoded
+    differently (lower-case hex, a needless %7E) still signs as the server,
+    which decodes the path and encodes it again, will check it.
+    """
+    return _sigv4_encode(unquote(path), safe="/") or "/"
+
+
+def _sigv4_canonical_query(query):
+    """Return the canonical query string: each name and value encoded, sorted."""
+    pairs = []
+    for item in query.split("&"):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        # "+" stays a plus sign: the transport writes a space as %20.
+        pairs.append((_sigv4_encode(unquote(name)), _sigv4_encode(unquote(value))))
+    pairs.sort()
+    return "&".join("%s=%s" % pair for pair in pairs)
+
+
+def _sigv4_host(parts):
+    """Return the Host header urllib3 would send for the split URL ``parts``."""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = "[%s]" % host  # an IPv6 literal keeps its brackets
+    port = parts.port
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+        host = "%s:%d" % (host, port)
+    return host
+
+
+def _sigv4_timestamp(now):
+    """Return the X-Amz-Date value (YYYYMMDDTHHMMSSZ, UTC) for ``now``."""
+    if now is None:
+        now = datetime.datetime.now(datetime.UTC)
+    elif isinstance(now, (int, float)):
+        now = datetime.datetime.fromtimestamp(now, datetime.UTC)
+    elif now.tzinfo is not None:
+        now = now.astimezone(datetime.UTC)
+    # A naive datetime is taken to be UTC already.
+    return now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def _sigv4_headers(method, url, headers, access_key, secret_key, region, now=None,
+                   payload_hash=_UNSIGNED_PAYLOAD, service="s3"):
+    """Return the headers that sign the request (Authorization, X-Amz-Date, ...).
+
+    ``url`` is the URL exactly as sent, its path already percent-encoded;
+    ``headers`` are the other headers sent with it. The returned Host,
+    X-Amz-Date, X-Amz-Content-Sha256 and Authorization must all be added to
+    them: Host is given explicitly so that urllib3 sends the very value that
+    was signed. ``now`` is a datetime (naive means UTC) or a POSIX time;
+    ``payload_hash`` is the hex SHA-256 of the body, or UNSIGNED-PAYLOAD.
+    """
+    parts = urlsplit(url)
+    timestamp = _sigv4_timestamp(now)
+    date = timestamp[:8]
+    added = {
+        "X-Amz-Date": timestamp,
+        "X-Amz-Content-Sha256": payload_hash,
+    }
+    signed = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if value is None or lower in _SIGV4_UNSIGNED_HEADERS or lower in ("x-amz-date",
+                                                                          "x-amz-content-sha256"):
+            continue
+        # Trim and fold runs of blanks, as the server does before it checks.
+        signed[lower] = " ".join(str(value).split())
+    if "host" not in signed:
+        added["Host"] = _sigv4_host(parts)
+        signed["host"] = added["Host"]
+    signed["x-amz-date"] = timestamp
+    signed["x-amz-content-sha256"] = payload_hash
+    names = sorted(signed)
+    signed_headers = ";".join(names)
+    canonical_request = "\n".join((
+        method.upper(),
+        _sigv4_canonical_uri(parts.path),
+        _sigv4_canonical_query(parts.query),
+        "".join("%s:%s\n" % (name, signed[name]) for name in names),
+        signed_headers,
+        payload_hash,
+    ))
+    scope = "%s/%s/%s/aws4_request" % (date, region, service)
+    string_to_sign = "\n".join((
+        _SIGV4_ALGORITHM,
+        timestamp,
+        scope,
+        hashlib.sha256(canonical_request.encode("utf-8")).hexdigest(),
+    ))
+    key = _sigv4_signing_key(secret_key, date, region, service)
+    signature = hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    added["Authorization"] = "%s Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+        _SIGV4_ALGORITHM, access_key, scope, signed_headers, signature)
+    return added
+
+
 class DefaultTransport:
     """Talk HTTP to media hosts: one method per operation, one verb each.
 
@@ -671,7 +898,8 @@ class DefaultTransport:
     """
 
     def __init__(self, base_url=None, timeout=None, host_count=1, retries=None,
-                 http_auth=None, ca_bundle=None, tls_verify=None):
+                 http_auth=None, ca_bundle=None, tls_verify=None, s3_credentials=None,
+                 s3_region=None):
         self.base_url = settings.MEDIA_URL if base_url is None else base_url
         self.timeout = get_setting("TIMEOUT") if timeout is None else timeout
         self.retries = get_setting("RETRIES") if retries is None else retries
@@ -682,6 +910,11 @@ class DefaultTransport:
         ca_bundle = get_setting("CA_BUNDLE") if ca_bundle is None else ca_bundle
         tls_verify = get_setting("TLS_VERIFY") if tls_verify is None else tls_verify
         self._tls = _tls_pool_kwargs(ca_bundle, tls_verify)
+        if s3_credentials is None:
+            s3_credentials = (get_setting("S3_ACCESS_KEY_ID"),
+                              get_setting("S3_SECRET_ACCESS_KEY"))
+        self._s3_credentials = s3_credentials
+        self.s3_region = get_setting("S3_REGION") if s3_region is None else s3_region
         parts = urlsplit(self.base_url or "/")
         self._default_scheme = parts.scheme or "http"
         self._base_path = parts.path if parts.path.endswith("/") else parts.path + "/"
@@ -694,8 +927,13 @@ class DefaultTransport:
 
     def url(self, host, name):
         """Return the URL of ``name`` on ``host``."""
-        scheme, netloc = _split_host(host, self._default_scheme)
-        return "%s://%s%s%s" % (scheme, netloc, self._base_path, quote(name, safe="/"))
+        endpoint = _parse_host(host, self._default_scheme)
+        path = self._base_path
+        if endpoint.bucket is not None:
+            # Path-style S3: the key is the entry's prefix, else MEDIA_URL's path.
+            prefix = self._base_path.lstrip("/") if endpoint.prefix is None else endpoint.prefix
+            path = "/%s/%s" % (endpoint.bucket, prefix)
+        return "%s://%s%s%s" % (endpoint.scheme, endpoint.netloc, path, quote(name, safe="/"))
 
     def content(self, host, name):
         """GET ``name`` from ``host`` and return its bytes.
@@ -719,7 +957,7 @@ class DefaultTransport:
             response.close()
             if response.status in (404, 410):
                 raise _not_found(name, host)
-            raise UnexpectedStatusCode("GET", url, host, response.status, (200,))
+            raise self._unexpected("GET", url, host, response.status, (200,))
         try:
             length = response.headers.get("Content-Length", "")
             bound = _attempt_bound(self.timeout, int(length) if length.isdigit() else 0)
@@ -746,7 +984,7 @@ class DefaultTransport:
             return True
         if status in (404, 410):
             return False
-        raise UnexpectedStatusCode("HEAD", url, host, status, (200, 404, 410))
+        raise self._unexpected("HEAD", url, host, status, (200, 404, 410))
 
     def size(self, host, name):
         """HEAD ``name`` on ``host`` and return its Content-Length.
@@ -758,7 +996,7 @@ class DefaultTransport:
         if response.status in (404, 410):
             raise _not_found(name, host)
         if response.status != 200:
-            raise UnexpectedStatusCode("HEAD", url, host, response.status, (200,))
+            raise self._unexpected("HEAD", url, host, response.status, (200,))
         length = response.headers.get("Content-Length", "")
         if not length.isdigit():
             raise TransportError("HEAD", url, host, "no valid Content-Length: %r" % length)
@@ -776,7 +1014,7 @@ class DefaultTransport:
         """
         status = self.put(host, name, content, size)
         if status == 201:
-            return True
+            return True  # created (or, on S3, stored: it does not say which)
         logger.warning("PUT on existing file %s on %s.", name, host)
         return False
 
@@ -784,12 +1022,22 @@ class DefaultTransport:
         """PUT ``content`` as ``name`` on ``host``; return the status (201, 200 or 204).
 
         Like ``create()``, without the warning on overwrite (``sync`` expects it).
+        An S3 host answers 200 whether or not the object existed: that is
+        returned as 201, since an overwrite cannot be told apart.
         """
         url = self.url(host, name)
         if size is None:
             size = _remaining_size(content)
         start = content.tell() if hasattr(content, "tell") else None
-        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        # Object stores and filers serve the type they were given.
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        headers = {"Content-Length": str(size), "Content-Type": content_type}
+        if self._is_s3(host):
+            status = self._request("PUT", url, host, body=content, headers=headers,
+                                   size=size).status
+            if status != 200:
+                raise self._unexpected("PUT", url, host, status, (200,))
+            return 201
         collections = self._collections(url)
         if _known_collection_host(url):
             # This host needs parent collections: make the missing ones first.
@@ -850,7 +1098,31 @@ class DefaultTransport:
         if status in (404, 410):
             logger.warning("DELETE on missing file %s on %s.", name, host)
             return False
-        raise UnexpectedStatusCode("DELETE", url, host, status, (200, 204, 404, 410))
+        raise self._unexpected("DELETE", url, host, status, (200, 204, 404, 410))
+
+    def _is_s3(self, host):
+        """Tell whether ``host`` is an S3 bucket entry."""
+        return _parse_host(host, self._default_scheme).bucket is not None
+
+    def _unexpected(self, method, url, host, status, expected):
+        """Return the UnexpectedStatusCode for ``status``, with an object store's hint."""
+        hint = _S3_STATUS_HINTS.get(status) if self._is_s3(host) else None
+        return UnexpectedStatusCode(method, url, host, status, expected, hint=hint)
+
+    def _sign(self, method, url, host, headers):
+        """Return ``headers`` with what authenticates the request to ``host``."""
+        endpoint = _parse_host(host, self._default_scheme)
+        if endpoint.bucket is None:
+            return dict(headers or (), **self._auth_headers) if self._auth_headers else headers
+        access_key, secret_key = self._s3_credentials
+        if not access_key or not secret_key:
+            raise ImproperlyConfigured(
+                "%s is an S3 host, but RESTO_S3_ACCESS_KEY_ID or "
+                "RESTO_S3_SECRET_ACCESS_KEY is not set." % host)
+        headers = dict(headers or ())
+        headers.update(_sigv4_headers(method, url, headers, access_key, secret_key,
+                                      endpoint.region or self.s3_region))
+        return headers
 
     def _request(self, method, url, host, body=None, headers=None, preload_content=True,
                  size=0):
@@ -886,8 +1158,7 @@ class DefaultTransport:
     def _attempt(self, method, url, host, body, headers, preload_content, size):
         """Send one request within its deadline; wrap failures in TransportError."""
         bound = _attempt_bound(self.timeout, size)
-        if self._auth_headers:
-            headers = dict(headers or (), **self._auth_headers)
+        headers = self._sign(method, url, host, headers)  # afresh: S3 signs the time
         try:
             parts = urllib3.util.parse_url(url)
             pool = _pool_manager(self.host_count).connection_from_host(
@@ -912,6 +1183,16 @@ class DefaultTransport:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransportError(method, url, host, exc) from exc
 
+
+# What usually causes an object store's unexpected status.
+_S3_STATUS_HINTS = {
+    301: "301: the bucket is in another region or at another endpoint; set ?region= in "
+         "the host entry or RESTO_S3_REGION.",
+    400: "400: check the region (RESTO_S3_REGION or ?region= in the host entry).",
+    403: "403 from the object store: check RESTO_S3_ACCESS_KEY_ID, "
+         "RESTO_S3_SECRET_ACCESS_KEY, the bucket's policy and this server's clock.",
+    404: "404: the bucket does not exist; create it first.",
+}
 
 # What a PUT may answer: created, or overwritten.
 _PUT_STATUSES = (201, 200, 204)
@@ -1331,6 +1612,9 @@ class _ReplicationMixin:
             base_url=self.base_url, timeout=self.timeout, host_count=len(self.hosts),
             retries=self.retries, http_auth=self._option("http_auth"),
             ca_bundle=self._option("ca_bundle"), tls_verify=self._option("tls_verify"),
+            s3_credentials=(self._option("s3_access_key_id"),
+                            self._option("s3_secret_access_key")),
+            s3_region=self._option("s3_region"),
         )
 
     def execute(self, func, name, *args, action=None):
@@ -1387,6 +1671,12 @@ class _ReplicationMixin:
         for keyword in _SETTINGS:
             self._option(keyword)
         self.min_replicas  # noqa: B018 (checks it against the number of hosts)
+        s3_hosts = [host for host in self.hosts if host.startswith("s3+")]
+        if s3_hosts and not (self._option("s3_access_key_id")
+                             and self._option("s3_secret_access_key")):
+            raise ImproperlyConfigured(
+                "%s has S3 hosts (%s) but no credentials: set RESTO_S3_ACCESS_KEY_ID "
+                "and RESTO_S3_SECRET_ACCESS_KEY." % (type(self).__name__, ", ".join(s3_hosts)))
         return super().save(name, content, max_length=max_length)
 
     def __eq__(self, other):
