@@ -1175,6 +1175,25 @@ def test_nginx_https_with_basic_auth(storage_class, nginx_https, certificates, t
     assert "dXBsb2FkZXI6" not in logged  # the start of the Basic token
 
 
+def test_nginx_https_in_an_unpatched_process(nginx_https, certificates):
+    script = (
+        "import sys, django\n"
+        "from django.conf import settings\n"
+        "settings.configure(MEDIA_URL='/media/')\n"
+        "django.setup()\n"
+        "from django.core.files.base import ContentFile\n"
+        "import django_resto_gevent as resto\n"
+        "storage = resto.DistributedStorage(hosts=sys.argv[1:4], ca_bundle=sys.argv[4],\n"
+        "                                   http_auth=(sys.argv[5], sys.argv[6]))\n"
+        "print(storage.save('threads.txt', ContentFile(b'over TLS on threads')))\n"
+        "print(storage.size('threads.txt'))\n"
+    )
+    output = python_output(script, *nginx_https.hosts, certificates.ca, NGINX_USER,
+                           NGINX_PASSWORD)
+    assert output.split() == ["threads.txt", "19"]
+    _assert_on_nginx(nginx_https, "threads.txt", b"over TLS on threads")
+
+
 def test_nginx_https_wrong_ca_is_a_clear_error(nginx_https, certificates, tmp_path):
     storage = HybridStorage(location=str(tmp_path), hosts=nginx_https.hosts,
                             ca_bundle=certificates.other_ca,
