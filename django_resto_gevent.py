@@ -1300,6 +1300,10 @@ class _PositionalReader:
 _MEMORY_SPOOL_LIMIT = 1024 * 1024
 
 
+# Files up to this size are read once into memory and sent from there.
+_SMALL_BODY = 64 * 1024
+
+
 class _Payload:
     """The bytes of one upload, readable by several hosts at once."""
 
@@ -1311,6 +1315,10 @@ class _Payload:
             # A real file on disk (e.g. Django's TemporaryUploadedFile): every
             # host reads it in place, nothing is copied.
             self.size = os.fstat(self._fd).st_size
+            if self.size <= _SMALL_BODY:
+                # One read for every host, and each request goes out as one
+                # send (headers and body), not two.
+                self._data = os.pread(self._fd, self.size, 0)
             return
         buffer = bytearray()
         for chunk in content.chunks():
@@ -1657,6 +1665,14 @@ class _ReplicationMixin:
                                  receiver, outcome)
         return failures
 
+    def _put_payload(self, host, name, payload, transport):
+        """Upload ``payload`` to ``host`` with a body of its own.
+
+        ``transport`` is built once for all the hosts of a save: building one
+        costs more than a small request.
+        """
+        return transport.create(host, name, payload.reader(), size=payload.size)
+
     def _put_local_file(self, host, name):
         """Upload the master copy of ``name`` to ``host`` from its own file handle."""
         with open(self.path(name), "rb") as local_file:
@@ -1728,7 +1744,11 @@ class HybridStorage(_LocalReadsMixin, FileSystemStorage):
 
     def _save(self, name, content):
         name = super()._save(name, content)
-        self.execute(self._put_local_file, name, action="create")
+        # The master copy is opened once; the hosts read it in place with
+        # their own positions (a small one once, into memory).
+        with open(self.path(name), "rb") as local_file, \
+                _Payload(File(local_file)) as payload:
+            self.execute(self._put_payload, name, payload, self.transport, action="create")
         return name
 
 
@@ -1973,12 +1993,8 @@ class DistributedStorage(_ReplicationMixin, Storage):
 
     def _save(self, name, content):
         with _Payload(content) as payload:
-            self.execute(self._put_payload, name, payload, action="create")
+            self.execute(self._put_payload, name, payload, self.transport, action="create")
         return name
-
-    def _put_payload(self, host, name, payload):
-        """Upload ``payload`` to ``host`` with a body of its own."""
-        return self.transport.create(host, name, payload.reader(), size=payload.size)
 
     def _open(self, name, mode="rb"):
         # Handed to the caller inside the returned File, which closes it.
