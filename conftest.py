@@ -12,6 +12,7 @@ monkey.patch_all()
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import pwd  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -173,41 +174,136 @@ def _accepts(port):
     return True
 
 
-class NginxHosts:
-    """One nginx master serving ``count`` media hosts, each from its own root.
+def _settled_lines(path, timeout=1.0):
+    """Return the lines of the log ``path`` once it stopped growing (bounded wait).
 
-    Files saved as ``name`` land at ``roots[i] / "media" / name``. Started and
-    stopped by PID; every wait is bounded. ``tls`` is a ``(certificate,
-    key)`` pair to serve HTTPS; ``htpasswd`` a password file that every
-    request must satisfy (Basic auth); ``webdav`` True makes the hosts
-    behave like RFC 4918 servers: no ``create_full_put_path``, ``MKCOL``
-    allowed.
+    Servers write the access log line after the answer went out, so a
+    client may look before it is there: wait until two reads 25 ms apart
+    agree, for at most ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    previous = None
+    while True:
+        with open(path) as log:
+            text = log.read()
+        if text == previous or time.monotonic() > deadline:
+            return text.splitlines()
+        previous = text
+        time.sleep(0.025)
+
+
+class MediaHosts:
+    """One real web server process serving ``count`` media hosts, each from its own root.
+
+    Files saved as ``name`` land at ``roots[i] / "media" / name``; each host
+    logs its requests to ``roots[i] + ".access.log"``. Subclasses write the
+    configuration and say how to start the server (``_prepare``). Started
+    in the foreground and stopped by PID; every wait is bounded.
     """
 
-    def __init__(self, directory, count=3, tls=None, htpasswd=None, webdav=False):
+    name = "server"
+
+    def __init__(self, directory, count=3):
         self.directory = str(directory)
         self.count = count
-        self.tls = tls
-        self.htpasswd = htpasswd
-        self.webdav = webdav
         self.process = None
         self.ports = []
         self.roots = []
+        self.start_seconds = None  # how long the last successful start took
+
+    @property
+    def hosts(self):
+        """The host entries for RESTO_MEDIA_HOSTS: ``"127.0.0.1:port"``."""
+        return ["127.0.0.1:%d" % port for port in self.ports]
+
+    def path(self, index, name):
+        """Return where ``name`` lands on host number ``index``."""
+        return os.path.join(self.roots[index], "media", name)
+
+    def _log(self, index):
+        """Return the access log of host ``index``."""
+        return self.roots[index] + ".access.log"
+
+    def requests(self, index):
+        """Return the requests host ``index`` logged: (method, uri, status, connection).
+
+        Requests that shared a keep-alive connection share ``connection``.
+        """
+        return [tuple(line.split()[:4]) for line in _settled_lines(self._log(index))]
+
+    def clear(self):
+        """Remove every file the hosts hold, and empty their request logs."""
+        for index, root in enumerate(self.roots):
+            shutil.rmtree(os.path.join(root, "media"), ignore_errors=True)
+            with open(self._log(index), "w"):
+                pass  # the server appends (O_APPEND) where the file now ends
+
+    def start(self, binary):
+        """Start the server; retry with new ports if one was taken meanwhile."""
+        for _attempt in range(5):
+            if self._start_once(binary):
+                return self
+        raise RuntimeError("%s did not start: see %s/error.log" % (self.name, self.directory))
+
+    def _prepare(self, binary):
+        """Write the configuration and make the directories; return the command line."""
+        raise NotImplementedError
+
+    def _start_once(self, binary):
+        """Write the configuration, start the server, wait until every port accepts."""
+        self.ports = [_free_port() for _ in range(self.count)]
+        self.roots = [os.path.join(self.directory, "host%d" % i) for i in range(self.count)]
+        started = time.monotonic()
+        command = self._prepare(binary)
+        with open(os.path.join(self.directory, "stderr.log"), "ab") as stderr:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+        for _ in range(200):
+            if all(_accepts(port) for port in self.ports):
+                self.start_seconds = time.monotonic() - started
+                return True
+            try:
+                self.process.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                continue
+            return False  # the server exited: most likely a port was taken
+        self.stop()
+        raise RuntimeError("%s did not accept connections within 10 seconds" % self.name)
+
+    def stop(self):
+        """Stop the server (the process we started, by PID) and wait for it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+class NginxHosts(MediaHosts):
+    """One nginx master (``daemon off``, its own prefix) serving ``count`` media hosts.
+
+    ``tls`` is a ``(certificate, key)`` pair to serve HTTPS; ``htpasswd`` a
+    password file that every request must satisfy (Basic auth); ``webdav``
+    True makes the hosts behave like RFC 4918 servers: no
+    ``create_full_put_path``, ``MKCOL`` allowed.
+    """
+
+    name = "nginx"
+
+    def __init__(self, directory, count=3, tls=None, htpasswd=None, webdav=False):
+        super().__init__(directory, count)
+        self.tls = tls
+        self.htpasswd = htpasswd
+        self.webdav = webdav
 
     @property
     def hosts(self):
         """The host entries for RESTO_MEDIA_HOSTS: ``"127.0.0.1:port"`` or ``https://...``."""
         scheme = "https://" if self.tls else ""
         return ["%s127.0.0.1:%d" % (scheme, port) for port in self.ports]
-
-    def path(self, index, name):
-        """Return where ``name`` lands on host number ``index``."""
-        return os.path.join(self.roots[index], "media", name)
-
-    def requests(self, index):
-        """Return the requests host ``index`` logged: (method, uri, status, connection)."""
-        with open(self.roots[index] + ".access.log") as log:
-            return [tuple(line.split()[:4]) for line in log]
 
     def _server_block(self, port, root):
         """Return the nginx ``server`` block of one host."""
@@ -223,17 +319,7 @@ class NginxHosts:
             create_full_put_path="off" if self.webdav else "on",
         )
 
-    def start(self, nginx):
-        """Start nginx; retry with new ports if one was taken meanwhile."""
-        for _attempt in range(5):
-            if self._start_once(nginx):
-                return self
-        raise RuntimeError("nginx did not start: see %s/error.log" % self.directory)
-
-    def _start_once(self, nginx):
-        """Write the configuration, start nginx, wait until every port accepts."""
-        self.ports = [_free_port() for _ in range(self.count)]
-        self.roots = [os.path.join(self.directory, "host%d" % i) for i in range(self.count)]
+    def _prepare(self, binary):
         for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] + self.roots:
             os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
         servers = "".join(self._server_block(port, root)
@@ -243,38 +329,191 @@ class NginxHosts:
         config = os.path.join(self.directory, "nginx.conf")
         with open(config, "w") as output:
             output.write(_NGINX_CONFIG.format(prefix=self.directory, user=user, servers=servers))
-        self.process = subprocess.Popen(
-            [nginx, "-p", self.directory, "-c", config, "-e", self.directory + "/error.log"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for _ in range(200):
-            if all(_accepts(port) for port in self.ports):
-                return True
-            try:
-                self.process.wait(timeout=0.05)
-            except subprocess.TimeoutExpired:
-                continue
-            return False  # nginx exited: most likely a port was taken
-        self.stop()
-        raise RuntimeError("nginx did not accept connections within 10 seconds")
+        return [binary, "-p", self.directory, "-c", config, "-e",
+                self.directory + "/error.log"]
 
-    def clear(self):
-        """Remove every file the hosts hold, and empty their request logs."""
-        for root in self.roots:
-            shutil.rmtree(os.path.join(root, "media"), ignore_errors=True)
-            with open(root + ".access.log", "w"):
-                pass  # nginx appends (O_APPEND) where the file now ends
 
-    def stop(self):
-        """Stop nginx (the master we started, by PID) and wait for it."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+_APACHE_MODULES = "/usr/lib/apache2/modules"
+
+# Debian's apache2 has core, http_core, so, watchdog, log_config, logio,
+# version and unixd compiled in (apache2 -l); the rest is loaded here.
+_APACHE_CONFIG = """\
+ServerRoot {prefix}
+ServerName 127.0.0.1
+PidFile {prefix}/httpd.pid
+DefaultRuntimeDir {prefix}
+ErrorLog {prefix}/error.log
+LogLevel warn
+{user}
+LoadModule mpm_event_module {modules}/mod_mpm_event.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule dav_module {modules}/mod_dav.so
+LoadModule dav_fs_module {modules}/mod_dav_fs.so
+StartServers 1
+ServerLimit 1
+ThreadLimit 16
+ThreadsPerChild 16
+MaxRequestWorkers 16
+MinSpareThreads 1
+MaxSpareThreads 16
+DavLockDB {prefix}/davlock/DavLock
+# One line per request with its connection (the client's port). %r, the
+# request line as sent: %U would be the decoded path ("new dir" in 2 fields).
+LogFormat "%r %>s %{{remote}}p %k" resto
+{hosts}"""
+
+_APACHE_HOST = """\
+Listen 127.0.0.1:{port}
+<VirtualHost 127.0.0.1:{port}>
+    DocumentRoot {root}
+    CustomLog {root}.access.log resto
+    <Directory {root}>
+        Require all granted
+    </Directory>
+    <Location /media/>
+        Dav On
+    </Location>
+</VirtualHost>
+"""
+
+
+def find_apache():
+    """Return the path of the apache2 (or httpd) binary, or None."""
+    return shutil.which("apache2") or shutil.which("httpd") or next(
+        (path for path in ("/usr/sbin/apache2", "/usr/sbin/httpd") if os.path.exists(path)),
+        None,
+    )
+
+
+class ApacheHosts(MediaHosts):
+    """One Apache httpd (event MPM, ``-DFOREGROUND``) serving ``count`` WebDAV hosts.
+
+    Apache refuses to serve as root: started by root, its master stays root
+    and its worker process runs as ``user`` (www-data), which must reach
+    and write ``directory``. The directory is given to that user; every
+    directory above it must let others through (a ``tempfile.mkdtemp()``
+    under /tmp does, pytest's ``tmp_path`` does not: /tmp/pytest-of-root is
+    0700).
+    """
+
+    name = "apache2"
+
+    def requests(self, index):
+        """Return the requests host ``index`` logged: (method, uri, status, connection)."""
+        # "PUT /media/x HTTP/1.1 201 43210 0": drop the protocol.
+        return [tuple(fields[:2] + fields[3:5])
+                for fields in (line.split() for line in _settled_lines(self._log(index)))]
+
+    def __init__(self, directory, count=3, user="www-data"):
+        super().__init__(directory, count)
+        self.user = user
+
+    def _account(self):
+        """Return the pwd entry the workers run as, or None when not root."""
+        return pwd.getpwnam(self.user) if os.geteuid() == 0 else None
+
+    def _check_reachable(self, account):
+        """Raise a clear error when ``account`` cannot get down to the directory."""
+        path = os.path.dirname(os.path.abspath(self.directory))
+        while True:
+            info = os.stat(path)
+            if info.st_uid != account.pw_uid and not info.st_mode & 0o001:
+                raise RuntimeError(
+                    "Apache's workers run as %s, which cannot enter %s (mode %o): put "
+                    "ApacheHosts' directory under one that others may enter, e.g. "
+                    "tempfile.mkdtemp()." % (self.user, path, info.st_mode & 0o777))
+            if path == "/":
+                return
+            path = os.path.dirname(path)
+
+    def _prepare(self, binary):
+        account = self._account()
+        for sub in ["davlock"] + self.roots:
+            os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
+        user = ""
+        if account is not None:
+            self._check_reachable(account)
+            user = "User %s\nGroup #%d" % (self.user, account.pw_gid)
+            for sub in ["", "davlock"] + self.roots:
+                os.chown(os.path.join(self.directory, sub), account.pw_uid, account.pw_gid)
+        hosts = "".join(_APACHE_HOST.format(port=port, root=root)
+                        for port, root in zip(self.ports, self.roots, strict=True))
+        config = os.path.join(self.directory, "httpd.conf")
+        with open(config, "w") as output:
+            output.write(_APACHE_CONFIG.format(prefix=self.directory, user=user,
+                                               modules=_APACHE_MODULES, hosts=hosts))
+        for index in range(self.count):
+            open(self._log(index), "a").close()
+        return [binary, "-DFOREGROUND", "-f", config]
+
+
+
+# The first host is the main server; the others are $SERVER["socket"]
+# conditions of the same process. The access log goes through a pipe:
+# lighttpd buffers a file log (about a second) but writes a pipe at once.
+_LIGHTTPD_CONFIG = """\
+server.modules = ("mod_webdav", "mod_accesslog")
+server.bind = "127.0.0.1"
+server.port = {port}
+server.document-root = "{root}"
+server.errorlog = "{prefix}/error.log"
+server.upload-dirs = ("{prefix}/uploads")
+{pathinfo}{stat_cache}# One line per request with its connection (the client's port).
+accesslog.format = "%m %U %s %{{remote}}p %k"
+accesslog.filename = "|exec cat >> {root}.access.log"
+$HTTP["url"] =^ "/media/" {{
+    webdav.activate = "enable"
+}}
+{others}"""
+
+_LIGHTTPD_HOST = """\
+$SERVER["socket"] == "127.0.0.1:{port}" {{
+    server.document-root = "{root}"
+    accesslog.filename = "|exec cat >> {root}.access.log"
+}}
+"""
+
+
+def find_lighttpd():
+    """Return the path of the lighttpd binary, or None."""
+    return shutil.which("lighttpd") or next(
+        (path for path in ("/usr/sbin/lighttpd",) if os.path.exists(path)), None)
+
+
+class LighttpdHosts(MediaHosts):
+    """One lighttpd (``-D``, foreground) serving ``count`` WebDAV hosts (mod_webdav).
+
+    It runs as whoever starts it (root here: lighttpd allows it when
+    ``server.username`` is unset).
+    """
+
+    name = "lighttpd"
+
+    def __init__(self, directory, count=3, disable_pathinfo=True, stat_cache=False):
+        super().__init__(directory, count)
+        # lighttpd caches stat() (Debian's default engine: inotify on watched
+        # directories): files that clear() removed behind its back could
+        # still be answered 200 for a moment. Off unless asked for.
+        self.stat_cache = stat_cache
+        # Without it, lighttpd serves the file "a" for GET/HEAD "a/b" (b as
+        # PATH_INFO): HEAD 200 for a name that does not exist.
+        self.disable_pathinfo = disable_pathinfo
+
+    def _prepare(self, binary):
+        for sub in ["uploads"] + self.roots:
+            os.makedirs(os.path.join(self.directory, sub), exist_ok=True)
+        others = "".join(_LIGHTTPD_HOST.format(port=port, root=root)
+                         for port, root in zip(self.ports[1:], self.roots[1:], strict=True))
+        config = os.path.join(self.directory, "lighttpd.conf")
+        with open(config, "w") as output:
+            output.write(_LIGHTTPD_CONFIG.format(
+                prefix=self.directory, port=self.ports[0], root=self.roots[0], others=others,
+                pathinfo='static-file.disable-pathinfo = "enable"\n' if self.disable_pathinfo
+                else "",
+                stat_cache="" if self.stat_cache else 'server.stat-cache-engine = "disable"\n'))
+        for index in range(self.count):
+            open(self._log(index), "a").close()
+        return [binary, "-D", "-f", config]
 
 
 def require(program, package):
@@ -394,11 +633,38 @@ def nginx_webdav_session(tmp_path_factory):
     hosts.stop()
 
 
-@pytest.fixture
-def nginx_webdav(nginx_webdav_session):
-    """The session's WebDAV-style nginx hosts, emptied before the test."""
-    nginx_webdav_session.clear()
-    return nginx_webdav_session
+@pytest.fixture(scope="session")
+def apache_session():
+    """Start one Apache httpd with three mod_dav hosts for the whole session."""
+    apache = require("apache2", "apache2")
+    # Not under pytest's tmp_path: Apache's workers (www-data) must get
+    # through every directory above theirs, and /tmp/pytest-of-root is 0700.
+    directory = tempfile.mkdtemp(prefix="resto-apache-")
+    hosts = ApacheHosts(directory).start(apache)
+    yield hosts
+    hosts.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lighttpd_session(tmp_path_factory):
+    """Start one lighttpd with three mod_webdav hosts for the whole session."""
+    lighttpd = require("lighttpd", "lighttpd lighttpd-mod-webdav")
+    hosts = LighttpdHosts(tmp_path_factory.mktemp("lighttpd")).start(lighttpd)
+    yield hosts
+    hosts.stop()
+
+
+_WEBDAV_SESSIONS = {"nginx": "nginx_webdav_session", "apache": "apache_session",
+                    "lighttpd": "lighttpd_session"}
+
+
+@pytest.fixture(params=list(_WEBDAV_SESSIONS))
+def webdav_hosts(request):
+    """Each WebDAV server that needs parent collections (nginx, Apache, lighttpd), emptied."""
+    hosts = request.getfixturevalue(_WEBDAV_SESSIONS[request.param])
+    hosts.clear()
+    return hosts
 
 
 ###############################################################################

@@ -989,7 +989,9 @@ class DefaultTransport:
     def size(self, host, name):
         """HEAD ``name`` on ``host`` and return its Content-Length.
 
-        Raises ``FileNotFoundError`` on 404 or 410.
+        A server may leave Content-Length out of a HEAD answer (Apache does
+        for an empty file): the size is then counted from a GET, in constant
+        memory. Raises ``FileNotFoundError`` on 404 or 410.
         """
         url = self.url(host, name)
         response = self._request("HEAD", url, host)
@@ -998,9 +1000,9 @@ class DefaultTransport:
         if response.status != 200:
             raise self._unexpected("HEAD", url, host, response.status, (200,))
         length = response.headers.get("Content-Length", "")
-        if not length.isdigit():
-            raise TransportError("HEAD", url, host, "no valid Content-Length: %r" % length)
-        return int(length)
+        if length.isdigit():
+            return int(length)
+        return self.fetch(host, name, _Discard())
 
     def create(self, host, name, content, size=None):
         """PUT ``content`` (bytes or a binary file) as ``name`` on ``host``.
@@ -1242,6 +1244,14 @@ def _tls_pool_kwargs(ca_bundle, tls_verify):
         return {"cert_reqs": "CERT_NONE", "assert_hostname": False}
     return {"cert_reqs": "CERT_REQUIRED",
             "ca_certs": _check_ca_bundle(ca_bundle, "The RESTO_CA_BUNDLE setting")}
+
+
+class _Discard:
+    """A binary sink that keeps nothing (to count the bytes of a GET)."""
+
+    def write(self, data):
+        """Drop ``data``; return its length."""
+        return len(data)
 
 
 def _not_found(name, host):

@@ -871,7 +871,7 @@ def test_default_storage_from_settings(media_servers, tmp_path):
 
 
 def _assert_on_nginx(nginx_hosts, name, data):
-    """Check that every nginx root holds exactly ``data`` as ``name``."""
+    """Check that every host's root (nginx, Apache, lighttpd) holds exactly ``data``."""
     for index in range(nginx_hosts.count):
         with open(nginx_hosts.path(index, name), "rb") as stored:
             assert stored.read() == data, (index, name)
@@ -1056,23 +1056,31 @@ def test_webdav_mkcol_refused_is_a_clear_error(media_servers, tmp_path):
 
 @pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
                          ids=lambda cls: cls.__name__)
-def test_nginx_webdav_hosts_get_parent_collections(storage_class, nginx_webdav, tmp_path,
-                                                   monkeypatch):
-    # The session's nginx keeps its ports but was emptied: so must the
+def test_webdav_servers_get_parent_collections(storage_class, webdav_hosts, tmp_path,
+                                               monkeypatch):
+    # The session's server keeps its ports but was emptied: so must the
     # process's memory of its collections be.
     monkeypatch.setattr(django_resto_gevent, "_known_collections", set())
     monkeypatch.setattr(django_resto_gevent, "_collection_hosts", set())
-    storage = make_storage(storage_class, nginx_webdav.hosts, tmp_path)
-    names = ["flat.txt", "new dir/caf\u00e9/n\u00e9.txt", "new dir/caf\u00e9/second.txt",
-             "new dir/other/third.txt"]
-    for name in names:
-        assert storage.save(name, ContentFile(name.encode())) == name
-    for name in names:
-        _assert_on_nginx(nginx_webdav, name, name.encode())
+    storage = make_storage(storage_class, webdav_hosts.hosts, tmp_path)
+    big = os.urandom(3 * 1024 * 1024)
+    files = {"flat.txt": b"flat", "new dir/caf\u00e9/n\u00e9.txt": b"ne",
+             "new dir/caf\u00e9/second.txt": b"second", "new dir/other/third.txt": b"third",
+             "new dir/big.bin": big, "new dir/empty.txt": b""}
+    for name, data in files.items():
+        assert storage.save(name, ContentFile(data)) == name
+    for name, data in files.items():
+        _assert_on_nginx(webdav_hosts, name, data)
+        assert storage.exists(name)
+        assert storage.size(name) == len(data)
+        with storage.open(name) as opened:
+            assert opened.read() == data
+    storage.delete("flat.txt")
+    _assert_gone_from_nginx(webdav_hosts, "flat.txt")
     for index in range(3):
-        mkcols = [(uri, status) for method, uri, status, _ in nginx_webdav.requests(index)
+        mkcols = [(uri, status) for method, uri, status, _ in webdav_hosts.requests(index)
                   if method == "MKCOL"]
-        # Each collection made once, top down; none again for the second file.
+        # Each collection made once, top down; none again for later files.
         assert mkcols == [("/media/", "201"), ("/media/new%20dir/", "201"),
                           ("/media/new%20dir/caf%C3%A9/", "201"),
                           ("/media/new%20dir/other/", "201")]
