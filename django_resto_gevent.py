@@ -55,6 +55,7 @@ import argparse
 import atexit
 import concurrent.futures
 import contextlib
+import contextvars
 import datetime
 import errno
 import functools
@@ -1971,6 +1972,27 @@ class _BackgroundTask:
         return result
 
 
+# Names DistributedStorage.get_available_name() may try before it gives up,
+# and how many it tried, per greenlet or thread (contextvars follow both).
+_MAX_NAME_ATTEMPTS = 100
+_name_attempts = contextvars.ContextVar("resto_name_attempts", default=None)
+
+
+def _count_name_attempt(name):
+    """Count one name tried by get_available_name(); raise past the bound."""
+    attempt = _name_attempts.get()
+    if attempt is None:
+        return  # a plain exists() call
+    wanted, tried = attempt
+    if tried >= _MAX_NAME_ATTEMPTS:
+        raise RestoError(
+            "Gave up looking for a free name near %r: the media hosts said %d names "
+            "in a row exist, the last %r. A host that answers 200 to HEAD for files "
+            "it does not hold does this (lighttpd: set static-file.disable-pathinfo)."
+            % (wanted, tried, name))
+    _name_attempts.set((wanted, tried + 1))
+
+
 @deconstructible(path="django_resto_gevent.DistributedStorage")
 class DistributedStorage(_ReplicationMixin, Storage):
     """Store files on the media hosts only, with no local copy.
@@ -2043,6 +2065,7 @@ class DistributedStorage(_ReplicationMixin, Storage):
         ReplicationError when none answered.
         """
         _check_name(name)
+        _count_name_attempt(name)
         results = _fan_out(self.transport.exists, self.hosts, name)
         if any(result.ok and result.value for result in results):
             return True
@@ -2050,6 +2073,19 @@ class DistributedStorage(_ReplicationMixin, Storage):
             return False
         failures = self._report("check", name, results)
         raise ReplicationError("check", name, failures, len(results)) from failures[0][1]
+
+    def get_available_name(self, name, max_length=None):
+        """Return a name no media host holds, trying at most _MAX_NAME_ATTEMPTS.
+
+        A host that says every name exists (lighttpd without
+        ``static-file.disable-pathinfo``, for names under a file's name)
+        would otherwise keep Django's loop asking for ever.
+        """
+        token = _name_attempts.set((name, 0))
+        try:
+            return super().get_available_name(name, max_length=max_length)
+        finally:
+            _name_attempts.reset(token)
 
     def size(self, name):
         """Return the size of ``name``, as the first media host that has it says."""

@@ -553,6 +553,16 @@ def test_distributed_has_no_local_paths(media_servers):
             getattr(storage, method)(*args)
 
 
+def test_distributed_gives_up_when_every_name_is_taken(media_servers):
+    server, = media_servers(1, status={"HEAD": 200})  # says every name exists
+    storage = DistributedStorage(hosts=[server.address])
+    with pytest.raises(RestoError, match="Gave up looking for a free name near 'x.txt'"):
+        storage.save("x.txt", ContentFile(b"x"))
+    assert len(server.requests("HEAD")) == 100
+    assert server.requests("PUT") == []
+    assert storage.exists("x.txt")  # outside a save, exists() is not counted
+
+
 def test_distributed_url_follows_filesystem_storage(media_servers):
     server, = media_servers(1)
     storage = DistributedStorage(hosts=[server.address], base_url="https://cdn.example/m")
