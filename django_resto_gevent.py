@@ -294,7 +294,6 @@ _HOST_FORMS = ("Write each host as 'host:port', 'http://host:port', 'https://hos
                "or 's3+https://endpoint/bucket'.")
 
 
-@functools.lru_cache(maxsize=1024)
 def _parse_host(host, default_scheme, source="RESTO_MEDIA_HOSTS"):
     """Return the _Endpoint of a host entry, or raise a clear error.
 
@@ -306,6 +305,18 @@ def _parse_host(host, default_scheme, source="RESTO_MEDIA_HOSTS"):
     if not isinstance(host, str) or not host.strip():
         raise ImproperlyConfigured("%s contains %r, which is not a media host. %s"
                                    % (source, host, _HOST_FORMS))
+    return _parse_host_text(host, default_scheme, source)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_host_text(host, default_scheme, source):
+    """Parse a host entry that is a non-empty string (cached: every request needs it)."""
+    if "@" in host.partition("://")[2].partition("/")[0] or "@" in host.partition("/")[0]:
+        # Host entries appear in logs and errors: no credentials in them.
+        raise ImproperlyConfigured(
+            "%s contains an entry with credentials in it (not shown). Write the host "
+            "alone and put the credentials in RESTO_HTTP_AUTH (or RESTO_S3_* for S3)."
+            % source)
     if host.startswith("s3+"):
         return _parse_s3_host(host, source)
     if "://" in host:
@@ -331,7 +342,7 @@ def _parse_s3_host(host, source):
     segments = [segment for segment in parts.path.split("/") if segment]
     query = parse_qs(parts.query)
     if parts.scheme not in ("http", "https") or not parts.netloc or not segments \
-            or parts.fragment or set(query) - {"region"} or "@" in parts.netloc:
+            or parts.fragment or set(query) - {"region"}:
         raise ImproperlyConfigured(
             "%s contains %r, which is not an S3 bucket. Write it as "
             "'s3+https://endpoint[:port]/bucket', optionally followed by a key "

@@ -1795,12 +1795,25 @@ def test_s3_hosts_need_credentials(tmp_path):
 
 
 @pytest.mark.parametrize("entry", ["s3+ftp://h/bucket", "s3+http://h", "s3+http://h/",
-                                   "s3+http://key:secret@h/bucket",
                                    "s3+https://h/b?acl=private"])
 def test_bad_s3_entries_are_explained(entry, tmp_path):
     storage = HybridStorage(location=str(tmp_path), hosts=[entry])
     with pytest.raises(ImproperlyConfigured, match="which is not an S3 bucket"):
         storage.save("never.txt", ContentFile(b"x"))
+
+
+@pytest.mark.parametrize("entry", ["s3+http://key:hunter2@h/bucket", "http://u:hunter2@h:80",
+                                   "u:hunter2@h:80", ["not", "hashable"]])
+def test_host_entries_with_credentials_are_refused_unshown(entry, tmp_path):
+    storage = HybridStorage(location=str(tmp_path), hosts=[entry])
+    with pytest.raises(ImproperlyConfigured) as info:
+        storage.save("never.txt", ContentFile(b"x"))
+    if isinstance(entry, str):
+        assert "credentials in it (not shown)" in str(info.value)
+        assert "hunter2" not in str(info.value)
+    else:
+        assert "which is not a media host" in str(info.value)
+    assert not (tmp_path / "never.txt").exists()
 
 
 @pytest.mark.parametrize(("entry", "url"), [
