@@ -1093,6 +1093,10 @@ class DefaultTransport:
             status = self._request("MKCOL", collection, host).status
             if status not in (201, 405):
                 raise UnexpectedStatusCode("MKCOL", collection, host, status, (201, 405))
+            if len(_known_collections) >= _MAX_KNOWN_COLLECTIONS:
+                # Dated directories would make it grow for ever; forgetting
+                # costs one MKCOL (405) per directory used again.
+                _known_collections.clear()
             _known_collections.add(collection)
         _collection_hosts.add(_origin(url))
 
@@ -1220,6 +1224,7 @@ _MISSING_PARENT_STATUSES = frozenset((409, 404, 403, 500))
 # ("scheme://netloc") that need them: shared by every transport of the
 # process, so that later saves into a known directory pay nothing.
 _known_collections = set()
+_MAX_KNOWN_COLLECTIONS = 100000
 _collection_hosts = set()
 
 

@@ -1027,6 +1027,17 @@ def test_webdav_collection_removed_behind_our_back_is_made_again(media_servers, 
                           ("MKCOL", "/media/gone/", 201), ("PUT", "/media/gone/two.txt", 201)]
 
 
+def test_webdav_memory_of_collections_is_bounded(media_servers, tmp_path, monkeypatch):
+    monkeypatch.setattr(django_resto_gevent, "_MAX_KNOWN_COLLECTIONS", 3)
+    monkeypatch.setattr(django_resto_gevent, "_known_collections", set())
+    server, = media_servers(1, require_collections=True)
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address])
+    for day in range(1, 6):
+        storage.save("2026/11/%02d/photo.jpg" % day, ContentFile(b"%d" % day))
+        assert len(django_resto_gevent._known_collections) <= 3
+    assert len(server.files) == 5
+
+
 def test_webdav_concurrent_saves_into_one_new_directory(media_servers, tmp_path):
     servers = media_servers(2, require_collections=True, latency=0.01)
     storage = HybridStorage(location=str(tmp_path), hosts=[s.address for s in servers])
