@@ -520,8 +520,8 @@ class BacklogError(RestoError):
         super().__init__(
             "%s has %d replications pending (RESTO_ASYNC_MAX_PENDING) and none "
             "finished within %.1f seconds: the media hosts are not keeping up or "
-            "are down. The file is in the master copy: copy it to the hosts once "
-            "they are back (e.g. with rsync), or raise RESTO_ASYNC_MAX_PENDING."
+            "are down. The file is in the master copy: once the hosts are back, run "
+            "python -m django_resto_gevent sync; or raise RESTO_ASYNC_MAX_PENDING."
             % (storage_name, pending, waited)
         )
 
@@ -1967,7 +1967,7 @@ def _flush_at_exit():
         logger.error(
             "%d replications were still pending after %s seconds at exit "
             "(RESTO_ASYNC_EXIT_TIMEOUT) and are abandoned; repair the hosts "
-            "from the master copy.", left, timeout,
+            "from the master copy with python -m django_resto_gevent sync.", left, timeout,
         )
 
 
