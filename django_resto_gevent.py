@@ -68,6 +68,7 @@ import mimetypes
 import os
 import queue
 import random
+import re
 import signal
 import socket
 import ssl
@@ -1047,10 +1048,11 @@ class DefaultTransport:
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         headers = {"Content-Length": str(size), "Content-Type": content_type}
         if self._is_s3(host):
-            status = self._request("PUT", url, host, body=content, headers=headers,
-                                   size=size).status
-            if status != 200:
-                raise self._unexpected("PUT", url, host, status, (200,))
+            response = self._request("PUT", url, host, body=content, headers=headers,
+                                     size=size)
+            if response.status != 200:
+                raise self._unexpected("PUT", url, host, response.status, (200,),
+                                       response.data)
             return 201
         collections = self._collections(url)
         if _known_collection_host(url):
@@ -1116,16 +1118,25 @@ class DefaultTransport:
         if status in (404, 410):
             logger.warning("DELETE on missing file %s on %s.", name, host)
             return False
-        raise self._unexpected("DELETE", url, host, status, (200, 204, 404, 410))
+        raise self._unexpected("DELETE", url, host, status, (200, 204, 404, 410),
+                               response.data)
 
     def _is_s3(self, host):
         """Tell whether ``host`` is an S3 bucket entry."""
         return _parse_host(host, self._default_scheme).bucket is not None
 
-    def _unexpected(self, method, url, host, status, expected):
-        """Return the UnexpectedStatusCode for ``status``, with an object store's hint."""
-        hint = _S3_STATUS_HINTS.get(status) if self._is_s3(host) else None
-        return UnexpectedStatusCode(method, url, host, status, expected, hint=hint)
+    def _unexpected(self, method, url, host, status, expected, body=b""):
+        """Return the UnexpectedStatusCode for ``status``, with an object store's hint.
+
+        An object store says why in its error body: its ``<Code>`` leads the hint.
+        """
+        hint = None
+        if self._is_s3(host):
+            code = _S3_ERROR_CODE.search(body[:4096]) if body else None
+            hint = " ".join(filter(None, (
+                "S3 error %s." % code.group(1).decode() if code else None,
+                _S3_STATUS_HINTS.get(status) or _status_hint(method, status))))
+        return UnexpectedStatusCode(method, url, host, status, expected, hint=hint or None)
 
     def _sign(self, method, url, host, headers):
         """Return ``headers`` with what authenticates the request to ``host``."""
@@ -1201,6 +1212,9 @@ class DefaultTransport:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransportError(method, url, host, exc) from exc
 
+
+# The error code of an S3 error body, e.g. <Code>SignatureDoesNotMatch</Code>.
+_S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 
 # What usually causes an object store's unexpected status.
 _S3_STATUS_HINTS = {

@@ -1784,6 +1784,7 @@ def test_s3_wrong_secret_is_a_clear_error(seaweed, tmp_path, caplog):
     assert info.value.hosts == [host]
     message = str(info.value)
     assert "answered 403" in message
+    assert "S3 error SignatureDoesNotMatch." in message
     assert "check RESTO_S3_ACCESS_KEY_ID, RESTO_S3_SECRET_ACCESS_KEY" in message
     assert "not-the-secret" not in message + caplog.text
     assert s3_content(seaweed, "refused.txt") is None
