@@ -150,12 +150,14 @@ _NGINX_SERVER = """\
 """
 
 
+def find_program(name):
+    """Return the path of the program ``name`` (PATH, then the sbin folders), or None."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+
+
 def find_nginx():
     """Return the path of the nginx binary, or None."""
-    return shutil.which("nginx") or next(
-        (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.path.exists(path)),
-        None,
-    )
+    return find_program("nginx")
 
 
 def _free_port():
@@ -377,14 +379,6 @@ Listen 127.0.0.1:{port}
 """
 
 
-def find_apache():
-    """Return the path of the apache2 (or httpd) binary, or None."""
-    return shutil.which("apache2") or shutil.which("httpd") or next(
-        (path for path in ("/usr/sbin/apache2", "/usr/sbin/httpd") if os.path.exists(path)),
-        None,
-    )
-
-
 class ApacheHosts(MediaHosts):
     """One Apache httpd (event MPM, ``-DFOREGROUND``) serving ``count`` WebDAV hosts.
 
@@ -474,12 +468,6 @@ $SERVER["socket"] == "127.0.0.1:{port}" {{
 """
 
 
-def find_lighttpd():
-    """Return the path of the lighttpd binary, or None."""
-    return shutil.which("lighttpd") or next(
-        (path for path in ("/usr/sbin/lighttpd",) if os.path.exists(path)), None)
-
-
 class LighttpdHosts(MediaHosts):
     """One lighttpd (``-D``, foreground) serving ``count`` WebDAV hosts (mod_webdav).
 
@@ -518,7 +506,7 @@ class LighttpdHosts(MediaHosts):
 
 def require(program, package):
     """Return the path of ``program``; skip the test without it (fail in CI)."""
-    path = find_nginx() if program == "nginx" else shutil.which(program)
+    path = find_program(program)
     if path is None:
         message = "%s is not installed (apt-get install %s)" % (program, package)
         if IN_CI:
