@@ -834,8 +834,6 @@ def _sigv4_timestamp(now):
     """Return the X-Amz-Date value (YYYYMMDDTHHMMSSZ, UTC) for ``now``."""
     if now is None:
         now = datetime.datetime.now(datetime.UTC)
-    elif isinstance(now, (int, float)):
-        now = datetime.datetime.fromtimestamp(now, datetime.UTC)
     elif now.tzinfo is not None:
         now = now.astimezone(datetime.UTC)
     # A naive datetime is taken to be UTC already.
@@ -850,7 +848,7 @@ def _sigv4_headers(method, url, headers, access_key, secret_key, region, now=Non
     ``headers`` are the other headers sent with it. The returned Host,
     X-Amz-Date, X-Amz-Content-Sha256 and Authorization must all be added to
     them: Host is given explicitly so that urllib3 sends the very value that
-    was signed. ``now`` is a datetime (naive means UTC) or a POSIX time;
+    was signed. ``now`` is a datetime (naive means UTC), by default the current time;
     ``payload_hash`` is the hex SHA-256 of the body, or UNSIGNED-PAYLOAD.
     """
     parts = urlsplit(url)
@@ -2567,7 +2565,6 @@ class _Sync:
     """Repair media hosts from the master copy of a Hybrid or Async storage."""
 
     def __init__(self, storage, hosts, prefix, dry_run, concurrency, out, err):
-        self.storage = storage
         self.transport = storage.transport
         self.root = storage.location
         self.hosts = hosts
