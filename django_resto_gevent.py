@@ -1355,8 +1355,8 @@ class _Payload:
             # host reads it in place, nothing is copied.
             self.size = os.fstat(self._fd).st_size
             if self.size <= _SMALL_BODY:
-                # One read for every host, and each request goes out as one
-                # send (headers and body), not two.
+                # One read for every host instead of one per host; urllib3
+                # still sends the headers and the body in two sends.
                 self._data = os.pread(self._fd, self.size, 0)
             return
         buffer = bytearray()
