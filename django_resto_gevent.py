@@ -1726,7 +1726,7 @@ class _ReplicationMixin:
         for keyword in _SETTINGS:
             self._option(keyword)
         self.min_replicas  # noqa: B018 (checks it against the number of hosts)
-        s3_hosts = [host for host in self.hosts if host.startswith("s3+")]
+        s3_hosts = [host for host in self.hosts if _parse_host(host, "http").bucket is not None]
         if s3_hosts and not (self._option("s3_access_key_id")
                              and self._option("s3_secret_access_key")):
             raise ImproperlyConfigured(
