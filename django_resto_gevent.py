@@ -94,6 +94,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.storage import FileSystemStorage, Storage
+from django.core.signals import setting_changed
 from django.dispatch import Signal
 from django.utils.deconstruct import deconstructible
 from django.utils.encoding import filepath_to_uri
@@ -156,6 +157,21 @@ def get_setting(name):
             % (name, ", ".join(sorted(_DEFAULTS)))
         )
     return getattr(settings, name, _DEFAULTS[name])
+
+
+# A storage checks each option once and keeps the value until a setting
+# changes: override_settings() sends setting_changed, which FileSystemStorage
+# relies on too. Checking every option on every save cost more CPU than a
+# small request.
+_settings_state = {"generation": 0}
+
+
+def _count_settings_change(**kwargs):
+    """Make every storage read and check its options again on next use."""
+    _settings_state["generation"] += 1
+
+
+setting_changed.connect(_count_settings_change, dispatch_uid="django_resto_gevent")
 
 
 def _check_hosts(value, source):
@@ -1597,7 +1613,24 @@ class _ReplicationMixin:
                                              if key not in _SECRET_KEYWORDS})
 
     def _option(self, keyword):
-        """Return the value of ``keyword``: constructor keyword, else setting."""
+        """Return the checked value of ``keyword``: constructor keyword, else setting."""
+        checked = self._checked()
+        try:
+            return checked[keyword]
+        except KeyError:
+            value = checked[keyword] = self._check_option(keyword)
+            return value
+
+    def _checked(self):
+        """Return this storage's checked options (and transport) for the current settings."""
+        generation = _settings_state["generation"]
+        cached = self.__dict__.get("_checked_cache")
+        if cached is None or cached[0] != generation:
+            cached = self._checked_cache = (generation, {})
+        return cached[1]
+
+    def _check_option(self, keyword):
+        """Read ``keyword`` from the constructor's keywords, else from settings, and check it."""
         setting, default = _SETTINGS[keyword]
         value = self._resto_options.get(keyword)
         if value is None:
@@ -1654,7 +1687,15 @@ class _ReplicationMixin:
 
     @property
     def transport(self):
-        """A transport for the current settings (cheap: connections are pooled per process)."""
+        """The transport for the current settings (kept until a setting changes)."""
+        checked = self._checked()
+        transport = checked.get("transport")
+        if transport is None:
+            transport = checked["transport"] = self._make_transport()
+        return transport
+
+    def _make_transport(self):
+        """Build a transport from the current options; connections are pooled per process."""
         return self.transport_class(
             base_url=self.base_url, timeout=self.timeout, host_count=len(self.hosts),
             retries=self.retries, http_auth=self._option("http_auth"),
@@ -1733,6 +1774,12 @@ class _ReplicationMixin:
                 "%s has S3 hosts (%s) but no credentials: set RESTO_S3_ACCESS_KEY_ID "
                 "and RESTO_S3_SECRET_ACCESS_KEY." % (type(self).__name__, ", ".join(s3_hosts)))
         return super().save(name, content, max_length=max_length)
+
+    def __getstate__(self):
+        # Checked options belong to this process's settings, not the unpickler's.
+        state = self.__dict__.copy()
+        state.pop("_checked_cache", None)
+        return state
 
     def __eq__(self, other):
         return type(self) is type(other) and self.deconstruct()[1:] == other.deconstruct()[1:]
@@ -1856,7 +1903,7 @@ class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
         return background
 
     def __getstate__(self):
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state.pop("_background_queue", None)
         return state
 

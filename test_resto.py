@@ -133,6 +133,31 @@ def test_storage_reads_settings_lazily(storage_class, media_servers, tmp_path):
 
 
 @storage_kinds()
+def test_checked_options_are_kept_until_a_setting_changes(storage_class, media_servers,
+                                                          tmp_path):
+    server, = media_servers(1)
+    options = {} if storage_class is DistributedStorage else {"location": str(tmp_path)}
+    with override_settings(RESTO_MEDIA_HOSTS=[server.address], RESTO_TIMEOUT=3):
+        storage = storage_class(**options)
+        transport = storage.transport
+        storage.save("kept.txt", ContentFile(b"kept"))
+        settle(storage)
+        assert storage.transport is transport
+        assert transport.timeout == 3
+        # A pickle carries the options, not what this process checked.
+        assert "_checked_cache" in vars(storage)
+        assert "_checked_cache" not in vars(pickle.loads(pickle.dumps(storage)))
+        with override_settings(RESTO_TIMEOUT=4):
+            assert storage.transport is not transport
+            assert storage.transport.timeout == storage.timeout == 4
+        assert storage.transport.timeout == 3
+        with override_settings(RESTO_TIMEOUT=-1), \
+                pytest.raises(ImproperlyConfigured, match="RESTO_TIMEOUT"):
+            storage.save("refused.txt", ContentFile(b"no"))
+    assert server.files == {"/media/kept.txt": b"kept"}
+
+
+@storage_kinds()
 def test_keywords_override_settings(storage_class, media_servers, tmp_path):
     configured, chosen = media_servers(2)
     with override_settings(RESTO_MEDIA_HOSTS=[configured.address], RESTO_TIMEOUT=9):
