@@ -386,6 +386,71 @@ def test_connections_are_kept_alive_across_saves(media_servers, tmp_path):
         assert pool.num_connections == 1, server.address
 
 
+def test_small_body_leaves_with_its_headers_in_one_send(media_servers, tmp_path, monkeypatch):
+    server, = media_servers(1)
+    sent = []
+    original_send = django_resto_gevent._HTTPConnection.send
+
+    def recording_send(connection, data):
+        sent.append(bytes(data) if isinstance(data, (bytes, bytearray)) else data)
+        return original_send(connection, data)
+
+    monkeypatch.setattr(django_resto_gevent._HTTPConnection, "send", recording_send)
+    transport = DefaultTransport(base_url="/media/")
+    small = b"s" * 1000
+    assert transport.create(server.address, "small.txt", small)
+    message, = sent
+    assert message.startswith(b"PUT /media/small.txt HTTP/1.1\r\n")
+    assert message.endswith(b"\r\n\r\n" + small)
+    # A large body is streamed after its headers, never copied next to them.
+    sent.clear()
+    large = tmp_path / "large.bin"
+    large.write_bytes(b"\0" * 300_000)
+    with open(large, "rb") as body:
+        assert transport.create(server.address, "large.bin", body)
+    assert sent[0].endswith(b"\r\n\r\n")
+    assert b"\0" not in sent[0]
+    assert len(sent) > 1
+    assert server.files == {"/media/small.txt": small, "/media/large.bin": b"\0" * 300_000}
+
+
+def test_connection_closed_by_the_host_is_seen_and_replaced():
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = "127.0.0.1:%d" % listener.getsockname()[1]
+    answer = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+    connections = []
+
+    def serve_two_connections():
+        # Each connection gets one request answered, kept alive, then closed.
+        for _ in range(2):
+            peer, _address = listener.accept()
+            connections.append(peer)
+            request = b""
+            while b"\r\n\r\nx" not in request:
+                request += peer.recv(65536)
+            peer.sendall(answer)
+            peer.close()
+
+    server = gevent.spawn(serve_two_connections)
+    try:
+        transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+        assert transport.create(address, "first.txt", b"x") is True
+        pool = django_resto_gevent._pool_manager(1).connection_from_url("http://" + address)
+        idle = [c for c in pool.pool.queue if c is not None and c.sock is not None]
+        assert len(idle) == 1
+        # Wait (bounded) until the host's close reached the idle connection.
+        assert select.select([idle[0].sock], [], [], 5)[0]
+        assert idle[0].is_connected is False
+        # No retries: a request on the dead connection would fail.
+        assert transport.create(address, "second.txt", b"x") is True
+        server.join(timeout=5)
+        assert server.successful()
+        assert len(connections) == 2
+    finally:
+        server.kill()
+        listener.close()
+
+
 def test_pool_manager_is_rebuilt_after_fork():
     parent = django_resto_gevent._pool_manager(1)
     assert django_resto_gevent._pool_manager(1) is parent
@@ -434,10 +499,12 @@ def test_fan_out_runs_hosts_in_parallel_and_keeps_host_order():
     assert results[2].value == "3x"
 
 
-def test_fan_out_to_one_host_runs_inline():
+@pytest.mark.parametrize("count", [1, 3])
+def test_fan_out_runs_the_last_host_inline(count):
     caller = gevent.getcurrent()
-    results = django_resto_gevent._fan_out(lambda host, name: gevent.getcurrent(), ["1"], "x")
-    assert results[0].value is caller
+    hosts = [str(index) for index in range(count)]
+    results = django_resto_gevent._fan_out(lambda host, name: gevent.getcurrent(), hosts, "x")
+    assert [result.value is caller for result in results] == [False] * (count - 1) + [True]
 
 
 ###############################################################################
