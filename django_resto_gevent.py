@@ -1145,12 +1145,12 @@ class DefaultTransport:
                 raise self._unexpected("PUT", url, host, response.status, (200,),
                                        response.data)
             return 201
-        collections = self._collections(url)
         if _known_collection_host(url):
             # This host needs parent collections: make the missing ones first.
-            self._make_collections(host, url, collections, trust_cache=True)
+            self._make_collections(host, url, self._collections(url), trust_cache=True)
         status = self._request("PUT", url, host, body=content, headers=headers, size=size).status
-        if status in _MISSING_PARENT_STATUSES and collections:
+        collections = self._collections(url) if status in _MISSING_PARENT_STATUSES else ()
+        if collections:
             try:
                 self._make_collections(host, url, collections, trust_cache=False)
             except UnexpectedStatusCode as refused:
@@ -1644,12 +1644,15 @@ def _run_bounded(func, items, concurrency):
 
 _ALLOWED_OPEN_MODES = ("rb", "br")
 
+# NUL, the other C0 controls and DEL: never part of a file name worth keeping.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
 
 def _check_name(name):
     """Refuse a file name that could escape the storage, before any request."""
     if not isinstance(name, str) or not name:
         raise SuspiciousFileOperation("File name %r is not a non-empty string." % (name,))
-    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+    if _CONTROL_CHARACTER.search(name):
         raise SuspiciousFileOperation(
             "File name %r contains a NUL or another control character." % name
         )
@@ -1707,7 +1710,7 @@ class _ReplicationMixin:
             return value
 
     def _checked(self):
-        """Return this storage's checked options (and transport) for the current settings."""
+        """Return what was checked for the current settings: options, transport, configuration."""
         generation = _settings_state["generation"]
         cached = self.__dict__.get("_checked_cache")
         if cached is None or cached[0] != generation:
@@ -1848,7 +1851,14 @@ class _ReplicationMixin:
         if name is None:
             name = getattr(content, "name", None)
         _check_name(name)
-        # Refuse a bad configuration before writing anything anywhere.
+        checked = self._checked()
+        if "configuration" not in checked:
+            self._check_configuration()
+            checked["configuration"] = True
+        return super().save(name, content, max_length=max_length)
+
+    def _check_configuration(self):
+        """Refuse a bad configuration before anything is written anywhere."""
         for keyword in _SETTINGS:
             self._option(keyword)
         self.min_replicas  # noqa: B018 (checks it against the number of hosts)
@@ -1858,7 +1868,6 @@ class _ReplicationMixin:
             raise ImproperlyConfigured(
                 "%s has S3 hosts (%s) but no credentials: set RESTO_S3_ACCESS_KEY_ID "
                 "and RESTO_S3_SECRET_ACCESS_KEY." % (type(self).__name__, ", ".join(s3_hosts)))
-        return super().save(name, content, max_length=max_length)
 
     def __getstate__(self):
         # Checked options belong to this process's settings, not the unpickler's.
