@@ -144,7 +144,7 @@ _NGINX_SERVER = """\
             dav_methods {dav_methods};
             create_full_put_path {create_full_put_path};
             dav_access user:rw group:r all:r;
-            client_max_body_size 0;
+            client_max_body_size {max_body_size};
 {auth}        }}
     }}
 """
@@ -290,16 +290,19 @@ class NginxHosts(MediaHosts):
     ``tls`` is a ``(certificate, key)`` pair to serve HTTPS; ``htpasswd`` a
     password file that every request must satisfy (Basic auth); ``webdav``
     True makes the hosts behave like RFC 4918 servers: no
-    ``create_full_put_path``, ``MKCOL`` allowed.
+    ``create_full_put_path``, ``MKCOL`` allowed; ``max_body_size`` is
+    nginx's ``client_max_body_size`` ("0": no limit).
     """
 
     name = "nginx"
 
-    def __init__(self, directory, count=3, tls=None, htpasswd=None, webdav=False):
+    def __init__(self, directory, count=3, tls=None, htpasswd=None, webdav=False,
+                 max_body_size="0"):
         super().__init__(directory, count)
         self.tls = tls
         self.htpasswd = htpasswd
         self.webdav = webdav
+        self.max_body_size = max_body_size
 
     @property
     def hosts(self):
@@ -319,6 +322,7 @@ class NginxHosts(MediaHosts):
             port=port, root=root, ssl=" ssl" if self.tls else "", tls=tls, auth=auth,
             dav_methods="PUT DELETE MKCOL" if self.webdav else "PUT DELETE",
             create_full_put_path="off" if self.webdav else "on",
+            max_body_size=self.max_body_size,
         )
 
     def _prepare(self, binary):

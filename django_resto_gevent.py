@@ -815,9 +815,19 @@ def _exchange(pool, method, path, body, headers, connect_timeout, read_timeout):
         # socket buffers: a read may take the whole bound. The deadline
         # still ends a host that trickles.
         connection.sock.settimeout(read_timeout)
-        http.client.HTTPConnection.request(connection, method, path, body, headers)
+        sent = True
+        try:
+            http.client.HTTPConnection.request(connection, method, path, body, headers)
+        except OSError as exc:
+            # A host may answer and close before taking the whole body (a 413
+            # over its size limit, a 401): that answer says why, so read it.
+            if not isinstance(exc, BrokenPipeError) and exc.errno != errno.ECONNRESET:
+                raise
+            sent = False
         response = http.client.HTTPConnection.getresponse(connection)
         data = response.read()
+        if not sent:
+            connection.close()  # the rest of the body is still due: never reuse it
     except BaseException:
         connection.close()  # half a request or answer: never reuse it
         raise

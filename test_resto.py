@@ -44,6 +44,7 @@ from conftest import (
     DelayProxy,
     make_storage,
     settle,
+    start_nginx,
 )
 from django_resto_gevent import (
     AsyncStorage,
@@ -446,6 +447,38 @@ def test_connection_closed_by_the_host_is_seen_and_replaced():
         server.join(timeout=5)
         assert server.successful()
         assert len(connections) == 2
+    finally:
+        server.kill()
+        listener.close()
+
+
+def test_answer_before_the_whole_body_is_still_read():
+    # A host over its size limit answers 413 and closes while the body is
+    # still on its way: the sender sees a broken pipe, the answer says why.
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = "127.0.0.1:%d" % listener.getsockname()[1]
+
+    def refuse_after_the_headers():
+        peer, _address = listener.accept()
+        with peer:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += peer.recv(65536)
+            peer.sendall(b"HTTP/1.1 413 Request Entity Too Large\r\n"
+                         b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            peer.shutdown(socket.SHUT_WR)
+            gevent.sleep(0.05)  # let the answer arrive before the reset
+        # Closed with the body unread: the kernel resets the connection.
+
+    server = gevent.spawn(refuse_after_the_headers)
+    try:
+        with pytest.raises(UnexpectedStatusCode) as info:
+            DefaultTransport(base_url="/media/", retries=0).create(
+                address, "big.bin", b"x" * 20_000_000)
+        assert info.value.status == 413
+        assert "client_max_body_size" in str(info.value)
+        server.join(timeout=5)
+        assert server.successful()
     finally:
         server.kill()
         listener.close()
@@ -1072,6 +1105,24 @@ def test_nginx_host_down_fails_loudly(nginx_hosts, tmp_path):
         storage.save("partial.txt", ContentFile(b"p"))
     assert info.value.hosts == [refused.address]
     _assert_on_nginx(nginx_hosts, "partial.txt", b"p")
+
+
+def test_nginx_body_limit_is_explained(tmp_path_factory, tmp_path):
+    limited = start_nginx(tmp_path_factory, max_body_size="1k")
+    try:
+        source = tmp_path / "upload.bin"
+        source.write_bytes(os.urandom(5 * 1024 * 1024))
+        storage = DistributedStorage(hosts=limited.hosts, retries=0)
+        with open(source, "rb") as upload, pytest.raises(ReplicationError) as info:
+            storage.save("big.bin", File(upload))
+        assert info.value.hosts == limited.hosts
+        for _host, error in info.value.failures:
+            assert isinstance(error, UnexpectedStatusCode)
+            assert error.status == 413
+            assert "raise client_max_body_size" in str(error)
+        assert not any(os.path.exists(limited.path(index, "big.bin")) for index in range(3))
+    finally:
+        limited.stop()
 
 
 ###############################################################################
