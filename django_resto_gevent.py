@@ -923,7 +923,7 @@ def _sigv4_canonical_query(query):
 
 
 def _sigv4_host(parts):
-    """Return the Host header urllib3 would send for the split URL ``parts``."""
+    """Return the Host header http.client would send for the split URL ``parts``."""
     host = parts.hostname or ""
     if ":" in host:
         host = "[%s]" % host  # an IPv6 literal keeps its brackets
@@ -950,8 +950,8 @@ def _sigv4_headers(method, url, headers, access_key, secret_key, region, now=Non
     ``url`` is the URL exactly as sent, its path already percent-encoded;
     ``headers`` are the other headers sent with it. The returned Host,
     X-Amz-Date, X-Amz-Content-Sha256 and Authorization must all be added to
-    them: Host is given explicitly so that urllib3 sends the very value that
-    was signed. ``now`` is a datetime (naive means UTC), by default the current time;
+    them: Host is given explicitly so that the very value that was signed is
+    sent. ``now`` is a datetime (naive means UTC), by default the current time;
     ``payload_hash`` is the hex SHA-256 of the body, or UNSIGNED-PAYLOAD.
     """
     parts = urlsplit(url)
