@@ -52,6 +52,7 @@ if not settings.configured:
     settings.configure(**_SETTINGS)
     django.setup()
 
+import django_resto_gevent  # noqa: E402
 from django_resto_gevent import (  # noqa: E402
     AsyncStorage,
     DistributedStorage,
@@ -68,6 +69,18 @@ STORAGE_CLASSES = [HybridStorage, AsyncStorage, DistributedStorage]
 ###############################################################################
 # In-process media servers
 ###############################################################################
+
+
+@pytest.fixture(autouse=True)
+def forget_collections(monkeypatch):
+    """Give every test a fresh memory of WebDAV collections.
+
+    The memory is per process and keyed by host address: a port freed by one
+    test and reused by the next would otherwise inherit what the first
+    learnt.
+    """
+    monkeypatch.setattr(django_resto_gevent, "_known_collections", set())
+    monkeypatch.setattr(django_resto_gevent, "_collection_hosts", set())
 
 
 @pytest.fixture

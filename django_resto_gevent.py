@@ -1157,7 +1157,12 @@ class DefaultTransport:
             return 201
         if _known_collection_host(url):
             # This host needs parent collections: make the missing ones first.
-            self._make_collections(host, url, self._collections(url), trust_cache=True)
+            # Only a shortcut: the host may have been wiped or replaced since,
+            # and the answer to the PUT below says what is really missing.
+            try:
+                self._make_collections(host, url, self._collections(url), trust_cache=True)
+            except UnexpectedStatusCode as refused:
+                logger.info("%s; sending the PUT anyway.", refused)
         status = self._request("PUT", url, host, body=content, headers=headers, size=size).status
         collections = self._collections(url) if status in _MISSING_PARENT_STATUSES else ()
         if collections:

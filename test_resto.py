@@ -1172,13 +1172,24 @@ def test_webdav_collection_removed_behind_our_back_is_made_again(media_servers, 
 
 def test_webdav_memory_of_collections_is_bounded(media_servers, tmp_path, monkeypatch):
     monkeypatch.setattr(django_resto_gevent, "_MAX_KNOWN_COLLECTIONS", 3)
-    monkeypatch.setattr(django_resto_gevent, "_known_collections", set())
     server, = media_servers(1, require_collections=True)
     storage = HybridStorage(location=str(tmp_path), hosts=[server.address])
     for day in range(1, 6):
         storage.save("2026/11/%02d/photo.jpg" % day, ContentFile(b"%d" % day))
         assert len(django_resto_gevent._known_collections) <= 3
     assert len(server.files) == 5
+
+
+def test_webdav_host_replaced_behind_a_known_address(media_servers):
+    # The address once needed collections; the server now there wants none
+    # and refuses MKCOL below a collection it never made.
+    server, = media_servers(1)
+    django_resto_gevent._collection_hosts.add(server.url)
+    django_resto_gevent._known_collections.add(server.url + "/media/")
+    storage = DistributedStorage(hosts=[server.address])
+    assert storage.save("d/x.txt", ContentFile(b"x")) == "d/x.txt"
+    assert server.files == {"/media/d/x.txt": b"x"}
+    assert ("MKCOL", "/media/d/", 409) in server.log
 
 
 def test_webdav_concurrent_saves_into_one_new_directory(media_servers, tmp_path):
@@ -1220,12 +1231,9 @@ def test_webdav_mkcol_refused_is_a_clear_error(media_servers, tmp_path):
 
 @pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
                          ids=lambda cls: cls.__name__)
-def test_webdav_servers_get_parent_collections(storage_class, webdav_hosts, tmp_path,
-                                               monkeypatch):
-    # The session's server keeps its ports but was emptied: so must the
-    # process's memory of its collections be.
-    monkeypatch.setattr(django_resto_gevent, "_known_collections", set())
-    monkeypatch.setattr(django_resto_gevent, "_collection_hosts", set())
+def test_webdav_servers_get_parent_collections(storage_class, webdav_hosts, tmp_path):
+    # The session's server keeps its ports but was emptied; conftest's
+    # forget_collections empties the process's memory of its collections.
     storage = make_storage(storage_class, webdav_hosts.hosts, tmp_path)
     big = os.urandom(3 * 1024 * 1024)
     files = {"flat.txt": b"flat", "new dir/caf\u00e9/n\u00e9.txt": b"ne",
