@@ -750,6 +750,8 @@ class _ConnectionMixin:
         return not poller.poll(0)
 
     def _send_output(self, message_body=None, encode_chunked=False):
+        # http.client's own hook (signature unchanged since Python 3.6), which
+        # sends the buffered header lines, then the body in a second send.
         if isinstance(message_body, bytes) and len(message_body) <= _SMALL_BODY:
             # The header lines end with an empty one, then the body follows.
             self._buffer.extend((b"", message_body))
@@ -1465,8 +1467,8 @@ class _Payload:
             # host reads it in place, nothing is copied.
             self.size = os.fstat(self._fd).st_size
             if self.size <= _SMALL_BODY:
-                # One read for every host instead of one per host (the
-                # headers and the body still leave in two sends).
+                # One read for every host instead of one per host; each
+                # request then sends it with its headers in one send.
                 self._data = os.pread(self._fd, self.size, 0)
             return
         buffer = bytearray()
