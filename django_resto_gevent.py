@@ -1850,13 +1850,9 @@ class _ReplicationMixin:
                                  receiver, outcome)
         return failures
 
-    def _put_payload(self, host, name, payload, transport):
-        """Upload ``payload`` to ``host`` with a body of its own.
-
-        ``transport`` is built once for all the hosts of a save: building one
-        costs more than a small request.
-        """
-        return transport.create(host, name, payload.reader(), size=payload.size)
+    def _put_payload(self, host, name, payload):
+        """Upload ``payload`` to ``host`` with a body of its own."""
+        return self.transport.create(host, name, payload.reader(), size=payload.size)
 
     def _put_local_file(self, host, name):
         """Upload the master copy of ``name`` to ``host`` from its own file handle."""
@@ -1945,7 +1941,7 @@ class HybridStorage(_LocalReadsMixin, FileSystemStorage):
         # their own positions (a small one once, into memory).
         with open(self.path(name), "rb") as local_file, \
                 _Payload(File(local_file)) as payload:
-            self.execute(self._put_payload, name, payload, self.transport, action="create")
+            self.execute(self._put_payload, name, payload, action="create")
         return name
 
 
@@ -2211,7 +2207,7 @@ class DistributedStorage(_ReplicationMixin, Storage):
 
     def _save(self, name, content):
         with _Payload(content) as payload:
-            self.execute(self._put_payload, name, payload, self.transport, action="create")
+            self.execute(self._put_payload, name, payload, action="create")
         return name
 
     def _open(self, name, mode="rb"):
