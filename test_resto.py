@@ -403,6 +403,9 @@ def test_small_body_leaves_with_its_headers_in_one_send(media_servers, tmp_path,
     message, = sent
     assert message.startswith(b"PUT /media/small.txt HTTP/1.1\r\n")
     assert message.endswith(b"\r\n\r\n" + small)
+    # Who wrote, for the host's logs.
+    version = django_resto_gevent.__version__.encode()
+    assert b"\r\nUser-Agent: django-resto-gevent/" + version + b"\r\n" in message
     # A large body is streamed after its headers, never copied next to them.
     sent.clear()
     large = tmp_path / "large.bin"
