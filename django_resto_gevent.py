@@ -841,9 +841,8 @@ def _exchange(pool, method, path, body, headers, connect_timeout, read_timeout):
 # AWS Signature Version 4, for the S3 hosts: written from AWS's description
 # of header-based signing, with the standard library only.
 
-# The payload hash of an empty body, which every SDK sends for GET, HEAD and
-# DELETE; UNSIGNED-PAYLOAD lets a body be streamed without reading it twice.
-_SHA256_EMPTY = hashlib.sha256(b"").hexdigest()
+# Sent as the payload hash of every request: an upload is streamed without
+# being read twice, and GET, HEAD and DELETE carry no body to hash.
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 
 _SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
