@@ -53,6 +53,7 @@ __all__ = [
 
 import argparse
 import atexit
+import base64
 import concurrent.futures
 import contextlib
 import contextvars
@@ -225,6 +226,11 @@ def _check_optional_count(value, source):
     return None if value is None else _check_count(value, source)
 
 
+# What an HTTP header name may be (RFC 9110 "token"), and what its value may not hold.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_HEADER_VALUE = re.compile("[\\r\\n\\x00]|[^\\x00-\\xff]")
+
+
 def _check_http_auth(value, source):
     """Return the credentials ``value`` as a dict of headers, or raise a clear error.
 
@@ -235,9 +241,19 @@ def _check_http_auth(value, source):
         return {}
     if isinstance(value, (list, tuple)) and len(value) == 2 \
             and all(isinstance(part, str) for part in value):
-        return urllib3.util.make_headers(basic_auth="%s:%s" % tuple(value))
+        # UTF-8, as RFC 7617's charset parameter and curl's -u send it.
+        token = base64.b64encode(("%s:%s" % tuple(value)).encode("utf-8")).decode("ascii")
+        return {"Authorization": "Basic " + token}
     if isinstance(value, dict) and all(
             isinstance(key, str) and isinstance(text, str) for key, text in value.items()):
+        for key, text in value.items():
+            # Requests are written by hand (see _request_head()): a line
+            # break in a header would end it and start another.
+            if not _HEADER_NAME.fullmatch(key) or _BAD_HEADER_VALUE.search(text):
+                raise ImproperlyConfigured(
+                    "%s has a header %r whose name is not an HTTP token or whose value "
+                    "holds a line break, a NUL or a character outside Latin-1 (the value "
+                    "is not shown: it may be a secret)." % (source, key[:100]))
         return dict(value)
     raise ImproperlyConfigured(
         "%s must be ('user', 'password') for Basic auth or a dict of headers such "
@@ -727,9 +743,8 @@ _real_poll = monkey.get_original("select", "poll") if hasattr(select, "poll") el
 class _ConnectionMixin:
     """What this module's connections add to urllib3's.
 
-    Where sockets are not patched, the socket honours the thread's deadline.
-    An idle connection is checked with one real poll(); and a small body
-    leaves with its headers, in one send (http.client sends them apart).
+    Where sockets are not patched, the socket honours the thread's deadline;
+    and an idle connection is checked with one real poll().
     """
 
     def connect(self):
@@ -748,18 +763,6 @@ class _ConnectionMixin:
         poller.register(self.sock.fileno(), select.POLLIN)
         # An idle connection has nothing to read: readable means EOF or junk.
         return not poller.poll(0)
-
-    def _send_output(self, message_body=None, encode_chunked=False):
-        # http.client's own hook (signature unchanged since Python 3.6), which
-        # sends the buffered header lines, then the body in a second send.
-        if isinstance(message_body, bytes) and len(message_body) <= _SMALL_BODY:
-            # The header lines end with an empty one, then the body follows.
-            self._buffer.extend((b"", message_body))
-            message = b"\r\n".join(self._buffer)
-            del self._buffer[:]
-            self.send(message)
-            return
-        super()._send_output(message_body, encode_chunked)
 
 
 class _HTTPConnection(_ConnectionMixin, urllib3.connection.HTTPConnection):
@@ -784,9 +787,18 @@ _POOL_CLASSES = {"http": _HTTPConnectionPool, "https": _HTTPSConnectionPool}
 # Sent with every request, so that a host's access log says who wrote.
 _USER_AGENT = "django-resto-gevent/%s" % __version__
 
+# Bounds on an answer read whole: its status line and headers, and the part
+# of its body kept (an error page; a longer one is cut and its connection
+# dropped). A host sending more is broken, not a reason to use more memory.
+_MAX_ANSWER_HEAD = 64 * 1024
+_MAX_ANSWER_BODY = 1024 * 1024
+
+# Bytes asked of the socket per receive while reading an answer.
+_RECEIVE_SIZE = 16 * 1024
+
 
 class _Answer:
-    """An answer read whole: its status, headers (case-insensitive) and body."""
+    """An answer read whole: its status, headers (lower-case names) and body."""
 
     __slots__ = ("status", "headers", "data", "resto_attempts")
 
@@ -799,14 +811,174 @@ class _Answer:
         """Nothing to release: the body was read and the connection given back."""
 
 
-def _exchange(pool, method, path, body, headers, connect_timeout, read_timeout):
+def _request_head(method, path, host, headers):
+    """Return the request line and header lines of a request, as bytes.
+
+    ``host`` is the Host header, unless ``headers`` has one (S3 signs it).
+    """
+    lines = ["%s %s HTTP/1.1" % (method, path)]
+    if "Host" not in headers:
+        lines.append("Host: " + host)
+    # HEAD's Content-Length must be the size of the file itself.
+    lines.append("Accept-Encoding: identity")
+    lines.extend("%s: %s" % item for item in headers.items())
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def _send_request(sock, head, body, size):
+    """Send ``head``, then ``size`` bytes of ``body`` (bytes, a binary file or None).
+
+    A small body leaves with its headers in one send. A file is read from
+    its current position in blocks; one that ends early raises
+    http.client.IncompleteRead instead of leaving the host waiting.
+    """
+    if body is None:
+        sock.sendall(head)
+        return
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        if len(body) <= _SMALL_BODY:
+            sock.sendall(head + body)
+        else:
+            sock.sendall(head)
+            sock.sendall(body)
+        return
+    sock.sendall(head)
+    remaining = size
+    while remaining > 0:
+        block = body.read(min(_BLOCK_SIZE, remaining))
+        if not block:
+            raise http.client.HTTPException(
+                "the file ended %d bytes short of its size (%d)" % (remaining, size))
+        sock.sendall(block)
+        remaining -= len(block)
+
+
+class _AnswerReader:
+    """Read one HTTP/1.1 answer from a socket, in bounded memory.
+
+    http.client parses headers through the email package, which cost about
+    a fifth of a small request's client CPU (issue #5): an answer to PUT,
+    HEAD, DELETE or MKCOL needs its status, a few headers and a short body.
+    Malformed answers raise http.client's own exceptions.
+    """
+
+    __slots__ = ("_sock", "_buffer")
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def _receive(self):
+        """Append what the socket has to the buffer; False at the end of the stream."""
+        data = self._sock.recv(_RECEIVE_SIZE)
+        self._buffer += data
+        return bool(data)
+
+    def _until(self, separator, limit, what):
+        """Return the bytes before ``separator`` (consumed), at most ``limit`` of them."""
+        start = 0
+        while True:
+            end = self._buffer.find(separator, start)
+            if end >= 0:
+                text = bytes(self._buffer[:end])
+                del self._buffer[:end + len(separator)]
+                return text
+            if len(self._buffer) > limit:
+                raise http.client.LineTooLong(what)
+            start = max(0, len(self._buffer) - len(separator) + 1)
+            if not self._receive():
+                if self._buffer:
+                    raise http.client.IncompleteRead(bytes(self._buffer))
+                raise http.client.RemoteDisconnected(
+                    "the host closed the connection without an answer")
+
+    def _exactly(self, count):
+        """Return the next ``count`` bytes."""
+        while len(self._buffer) < count:
+            if not self._receive():
+                raise http.client.IncompleteRead(bytes(self._buffer), count - len(self._buffer))
+        data = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return data
+
+    def head(self):
+        """Return (version, status, headers) of the final answer, skipping 1xx ones."""
+        while True:
+            lines = self._until(b"\r\n\r\n", _MAX_ANSWER_HEAD, "answer headers")
+            lines = lines.decode("latin-1").split("\r\n")
+            version, _, rest = lines[0].partition(" ")
+            code = rest[:3]
+            if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+                raise http.client.BadStatusLine("not an HTTP/1.x status line: %r" % lines[0][:100])
+            status = int(code)
+            if 100 <= status < 200:
+                continue  # 100 Continue, 103 Early Hints: the answer follows
+            headers = {}
+            for line in lines[1:]:
+                name, colon, value = line.partition(":")
+                if not colon:
+                    raise http.client.HTTPException("malformed header line %r" % line[:100])
+                name = name.strip().lower()
+                value = value.strip()
+                headers[name] = headers[name] + ", " + value if name in headers else value
+            return version, status, headers
+
+    def body(self, headers):
+        """Return (body, complete): a body up to _MAX_ANSWER_BODY, read whole if it fits."""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return self._chunked()
+        length = headers.get("content-length")
+        if length is not None:
+            if "," in length and len(set(length.replace(" ", "").split(","))) == 1:
+                length = length.split(",")[0].strip()  # the same length, repeated
+            if not length.isdigit():
+                raise http.client.HTTPException("bad Content-Length %r" % length[:100])
+            length = int(length)
+            if length > _MAX_ANSWER_BODY:
+                return bytes(self._buffer[:_MAX_ANSWER_BODY]), False
+            return self._exactly(length), True
+        # No length: the body ends with the connection.
+        while len(self._buffer) <= _MAX_ANSWER_BODY and self._receive():
+            pass
+        return bytes(self._buffer[:_MAX_ANSWER_BODY]), False
+
+    def _chunked(self):
+        """Return (body, complete) of a chunked body, its trailers skipped."""
+        parts = []
+        kept = 0
+        while True:
+            line = self._until(b"\r\n", _MAX_ANSWER_HEAD, "chunk size")
+            size = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size, 16)
+            except ValueError:
+                raise http.client.HTTPException("bad chunk size %r" % line[:100]) from None
+            if size == 0:
+                break
+            if kept + size > _MAX_ANSWER_BODY:
+                return b"".join(parts), False
+            parts.append(self._exactly(size))
+            kept += size
+            self._exactly(2)  # the CRLF after the chunk
+        while self._until(b"\r\n", _MAX_ANSWER_HEAD, "trailer"):
+            pass  # trailer lines, up to the empty one
+        return b"".join(parts), True
+
+    @property
+    def drained(self):
+        """True when nothing beyond the answer was received."""
+        return not self._buffer
+
+
+def _exchange(pool, host, method, path, body, headers, size, connect_timeout, read_timeout):
     """Send one request on a kept-alive connection of ``pool``; return the whole _Answer.
 
     urllib3's pool still owns the connections: it opens them (TLS and its
-    checks included), keeps them and drops those the host closed. Only the
-    request and its answer go through http.client's own methods, which the
-    connections inherit: for a small file, urllib3's request and response
-    layer on top cost more CPU than the rest of the exchange (issue #5).
+    checks included), keeps them and drops those the host closed. The
+    request and its answer are written and read here: for a small file,
+    urllib3's and http.client's layers cost more client CPU than the rest
+    of the exchange (issue #5). ``host`` is the Host header.
     """
     connection = pool._get_conn()
     try:
@@ -816,26 +988,33 @@ def _exchange(pool, method, path, body, headers, connect_timeout, read_timeout):
         # After a large body, the answer may wait for the host to drain the
         # socket buffers: a read may take the whole bound. The deadline
         # still ends a host that trickles.
-        connection.sock.settimeout(read_timeout)
+        sock = connection.sock
+        sock.settimeout(read_timeout)
         sent = True
         try:
-            http.client.HTTPConnection.request(connection, method, path, body, headers)
+            _send_request(sock, _request_head(method, path, host, headers), body, size)
         except OSError as exc:
             # A host may answer and close before taking the whole body (a 413
             # over its size limit, a 401): that answer says why, so read it.
             if not isinstance(exc, BrokenPipeError) and exc.errno != errno.ECONNRESET:
                 raise
             sent = False
-        response = http.client.HTTPConnection.getresponse(connection)
-        data = response.read()
-        if not sent:
-            connection.close()  # the rest of the body is still due: never reuse it
+        reader = _AnswerReader(sock)
+        version, status, headers = reader.head()
+        if method == "HEAD" or status in (204, 304):
+            data, complete = b"", True
+        else:
+            data, complete = reader.body(headers)
+        reusable = (sent and complete and reader.drained and version == "HTTP/1.1"
+                    and "close" not in headers.get("connection", "").lower())
+        if not reusable:
+            connection.close()
     except BaseException:
         connection.close()  # half a request or answer: never reuse it
         raise
     finally:
         pool._put_conn(connection)
-    return _Answer(response.status, response.headers, data)
+    return _Answer(status, headers, data)
 
 
 # AWS Signature Version 4, for the S3 hosts: written from AWS's description
@@ -1033,6 +1212,8 @@ class DefaultTransport:
         parts = urlsplit(self.base_url or "/")
         self._default_scheme = parts.scheme or "http"
         self._base_path = parts.path if parts.path.endswith("/") else parts.path + "/"
+        # origin -> (pool manager, urllib3 pool, Host header): see _route().
+        self._routes = {}
 
     def __repr__(self):
         # Never the credentials: only whether there are some.
@@ -1114,7 +1295,7 @@ class DefaultTransport:
             raise _not_found(name, host)
         if response.status != 200:
             raise self._unexpected("HEAD", url, host, response.status, (200,))
-        length = response.headers.get("Content-Length", "")
+        length = response.headers.get("content-length", "")
         if length.isdigit():
             return int(length)
         return self.fetch(host, name, _Discard())
@@ -1297,18 +1478,14 @@ class DefaultTransport:
         headers = dict(headers or (), **{"User-Agent": _USER_AGENT})
         headers = self._sign(method, url, host, headers)  # afresh: S3 signs the time
         try:
-            parts = urllib3.util.parse_url(url)
-            pool = _pool_manager(self.host_count).connection_from_host(
-                parts.host, parts.port, parts.scheme,
-                pool_kwargs=self._tls if parts.scheme == "https" else None,
-            )
+            pool, host_header, path = self._route(url)
             with _deadline(bound):
                 if preload_content:
-                    return _exchange(pool, method, parts.request_uri, body, headers,
+                    return _exchange(pool, host_header, method, path, body, headers, size,
                                      self.timeout, bound)
                 return pool.urlopen(
                     method,
-                    parts.request_uri,
+                    path,
                     body=body,
                     headers=headers,
                     # As in _exchange(): the read may take the whole bound.
@@ -1320,6 +1497,31 @@ class DefaultTransport:
                 )
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
             raise TransportError(method, url, host, exc) from exc
+
+    def _route(self, url):
+        """Return the urllib3 pool for ``url``, its Host header and the request path.
+
+        The pool of each origin is kept, as long as the process's pool
+        manager and the pool itself live: looking it up through urllib3
+        again (URL parsing, pool key) cost a tenth of a small request.
+        """
+        origin, path = _split_origin(url)
+        manager = _pool_manager(self.host_count)
+        route = self._routes.get(origin)
+        if route is None or route[0] is not manager or route[1].pool is None:
+            parts = urllib3.util.parse_url(origin)
+            pool = manager.connection_from_host(
+                parts.host, parts.port, parts.scheme,
+                pool_kwargs=self._tls if parts.scheme == "https" else None,
+            )
+            # As http.client writes it: brackets around IPv6, no default port.
+            host_header = "[%s]" % pool.host if ":" in pool.host else pool.host
+            if pool.port not in (None, urllib3.connectionpool.port_by_scheme[parts.scheme]):
+                host_header += ":%d" % pool.port
+            route = self._routes[origin] = (manager, pool, host_header)
+        if "/." in path:
+            path = urllib3.util.parse_url(url).request_uri  # dot segments removed
+        return route[1], route[2], path
 
 
 # The error code of an S3 error body, e.g. <Code>SignatureDoesNotMatch</Code>.
@@ -1358,10 +1560,17 @@ def _collection_paths(path):
             for depth in range(1, len(segments) + 1)]
 
 
+def _split_origin(url):
+    """Return ``scheme://netloc`` and the rest (``/path?query``) of an absolute URL."""
+    end = url.find("/", url.index("//") + 2)
+    if end < 0:
+        return url, "/"
+    return url[:end], url[end:]
+
+
 def _origin(url):
     """Return ``scheme://netloc`` of ``url``."""
-    parts = urlsplit(url)
-    return "%s://%s" % (parts.scheme, parts.netloc)
+    return _split_origin(url)[0]
 
 
 def _known_collection_host(url):

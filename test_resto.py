@@ -4,6 +4,7 @@ The oracles are the media servers' request logs and the bytes they hold:
 in memory for the in-process MediaServer, on disk for real nginx hosts.
 """
 
+import base64
 import contextlib
 import copy
 import datetime
@@ -387,16 +388,36 @@ def test_connections_are_kept_alive_across_saves(media_servers, tmp_path):
         assert pool.num_connections == 1, server.address
 
 
+class RecordingSocket:
+    """A connected socket that records the bytes of every send."""
+
+    def __init__(self, sock, sent):
+        self._sock = sock
+        self._sent = sent
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def sendall(self, data, *args):
+        self._sent.append(bytes(data))
+        return self._sock.sendall(data, *args)
+
+
+def recording_connect(connect, sent):
+    """Wrap a connection's connect() so that its socket records what it sends."""
+
+    def connect_and_record(connection):
+        connect(connection)
+        connection.sock = RecordingSocket(connection.sock, sent)
+
+    return connect_and_record
+
+
 def test_small_body_leaves_with_its_headers_in_one_send(media_servers, tmp_path, monkeypatch):
     server, = media_servers(1)
     sent = []
-    original_send = django_resto_gevent._HTTPConnection.send
-
-    def recording_send(connection, data):
-        sent.append(bytes(data) if isinstance(data, (bytes, bytearray)) else data)
-        return original_send(connection, data)
-
-    monkeypatch.setattr(django_resto_gevent._HTTPConnection, "send", recording_send)
+    monkeypatch.setattr(django_resto_gevent._HTTPConnection, "connect",
+                        recording_connect(django_resto_gevent._HTTPConnection.connect, sent))
     transport = DefaultTransport(base_url="/media/")
     small = b"s" * 1000
     assert transport.create(server.address, "small.txt", small)
@@ -485,6 +506,205 @@ def test_answer_before_the_whole_body_is_still_read():
     finally:
         server.kill()
         listener.close()
+
+
+class CannedHost:
+    """A raw HTTP host that answers each request with the next of ``answers``.
+
+    It records every request (head and body, as bytes) and every
+    connection; after an answer ending with ``close``, it closes the
+    connection. Used for answers real servers rarely give.
+    """
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.requests = []
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.server = gevent.spawn(self._serve)
+
+    def _serve(self):
+        while self.answers:
+            peer, _address = self.listener.accept()
+            self.connections += 1
+            with peer:
+                self._serve_connection(peer)
+
+    def _serve_connection(self, peer):
+        data = b""
+        while self.answers:
+            while b"\r\n\r\n" not in data:
+                received = peer.recv(65536)
+                if not received:
+                    return
+                data += received
+            head, _, data = data.partition(b"\r\n\r\n")
+            length = re.search(rb"\r\nContent-Length: (\d+)", head)
+            length = int(length.group(1)) if length else 0
+            while len(data) < length:
+                received = peer.recv(65536)
+                if not received:
+                    return  # the client gave up before the end of its body
+                data += received
+            self.requests.append((head, data[:length]))
+            data = data[length:]
+            answer, close = self.answers.pop(0)
+            peer.sendall(answer)
+            if close:
+                return
+
+    def stop(self):
+        self.server.kill()
+        self.listener.close()
+
+
+@pytest.fixture
+def canned_host():
+    """Start CannedHost(answers) on demand; stop every one after the test."""
+    hosts = []
+
+    def start(*answers):
+        host = CannedHost(answers)
+        hosts.append(host)
+        return host
+
+    yield start
+    for host in hosts:
+        host.stop()
+
+
+def test_answers_in_chunks_with_trailers_are_read_whole(canned_host):
+    host = canned_host(
+        (b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"5;note=x\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n", False),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", False))
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    url = transport.url(host.address, "a.txt")
+    answer = transport._request("DELETE", url, host.address)
+    assert (answer.status, answer.data) == (500, b"hello world")
+    # The whole answer was read: the same connection carries the next request.
+    assert transport.delete(host.address, "a.txt") is True
+    assert host.connections == 1
+
+
+def test_interim_answers_are_skipped_and_headers_read_case_insensitively(canned_host):
+    host = canned_host(
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nCONTENT-length: 0\r\n"
+         b"X-Dup: a\r\nx-dup: b\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 0\r\nContent-Length: 7\r\n\r\n", False))
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    url = transport.url(host.address, "a.txt")
+    answer = transport._request("PUT", url, host.address, body=b"abc",
+                                headers={"Content-Length": "3"}, size=3)
+    assert answer.status == 200
+    assert answer.headers["x-dup"] == "a, b"
+    # Two different Content-Length values are an error, never a guess.
+    with pytest.raises(TransportError, match="Content-Length"):
+        transport._request("PUT", url, host.address, body=b"abc",
+                           headers={"Content-Length": "3"}, size=3)
+    head, body = host.requests[0]
+    assert head.startswith(b"PUT /media/a.txt HTTP/1.1\r\nHost: %s\r\n" % host.address.encode())
+    assert body == b"abc"
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    b"HTTP/1.0 201 Created\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 201 Created\r\n\r\nbody that ends with the connection",
+])
+def test_a_connection_the_answer_ends_is_not_reused(answer, canned_host):
+    host = canned_host((answer, True), (answer, True))
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    assert transport.create(host.address, "one.txt", b"1") is True
+    assert transport.create(host.address, "two.txt", b"2") is True
+    assert host.connections == 2
+
+
+@pytest.mark.parametrize(("answer", "error"), [
+    (b"SPDY/3 200 OK\r\n\r\n", "not an HTTP/1.x status line: 'SPDY/3 200 OK'"),
+    (b"HTTP/1.1 2OO OK\r\n\r\n", "not an HTTP/1.x status line"),
+    (b"HTTP/1.1 201 Created\r\nno colon here\r\n\r\n", "malformed header"),
+    (b"HTTP/1.1 201 Created\r\nContent-Length: lots\r\n\r\n", "bad Content-Length"),
+    (b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+    (b"HTTP/1.1 201 Created\r\nContent-Length: 10\r\n\r\nshort", "IncompleteRead"),
+    (b"HTTP/1.1 201 Created\r\nX-Junk: " + b"j" * 100_000, "answer headers"),
+    (b"", "without an answer"),
+])
+def test_a_malformed_answer_is_a_transport_error(answer, error, canned_host):
+    host = canned_host((answer, True))
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    with pytest.raises(TransportError, match=error) as info:
+        transport.create(host.address, "bad.txt", b"x")
+    assert info.value.host == host.address
+    pool = django_resto_gevent._pool_manager(1).connection_from_url("http://" + host.address)
+    assert not [c for c in pool.pool.queue if c is not None and c.sock is not None]
+
+
+def test_a_long_error_body_is_cut_and_its_connection_dropped(canned_host, monkeypatch):
+    monkeypatch.setattr(django_resto_gevent, "_MAX_ANSWER_BODY", 1000)
+    page = b"e" * 5000
+    host = canned_host(
+        (b"HTTP/1.1 500 Oops\r\nContent-Length: 5000\r\n\r\n" + page, True),
+        (b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"1388\r\n" + page + b"\r\n0\r\n\r\n", True),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", False))
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    url = transport.url(host.address, "a.txt")
+    for _ in range(2):
+        answer = transport._request("DELETE", url, host.address)
+        assert answer.status == 500
+        assert len(answer.data) <= 1000
+    assert transport.delete(host.address, "a.txt") is True
+    assert host.connections == 3
+
+
+def test_a_file_shorter_than_its_size_fails_instead_of_hanging(canned_host, tmp_path):
+    host = canned_host((b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", False))
+    source = tmp_path / "short.bin"
+    source.write_bytes(b"x" * 10)
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    with open(source, "rb") as body, \
+            pytest.raises(TransportError, match="ended 90 bytes short of its size"):
+        transport.create(host.address, "short.bin", body, size=100)
+    assert host.requests == []  # the host never got a whole request
+
+
+@pytest.mark.parametrize(("url", "host_header", "path"), [
+    ("http://Media.Example/media/a.txt", "media.example", "/media/a.txt"),
+    ("http://media.example:80/media/a.txt", "media.example", "/media/a.txt"),
+    ("https://media.example:443/m/a.txt", "media.example", "/m/a.txt"),
+    ("http://media.example:8080/m/a.txt?x=1", "media.example:8080", "/m/a.txt?x=1"),
+    ("http://[::1]:8080/m/a.txt", "[::1]:8080", "/m/a.txt"),
+    ("http://127.0.0.1:8080/m/./b/a.txt", "127.0.0.1:8080", "/m/b/a.txt"),
+    ("http://127.0.0.1:8080", "127.0.0.1:8080", "/"),
+])
+def test_request_route(url, host_header, path):
+    transport = DefaultTransport(base_url="/media/")
+    pool, header, request_path = transport._route(url)
+    assert (header, request_path) == (host_header, path)
+    # Kept for the next request of the same origin.
+    assert transport._route(url)[0] is pool
+
+
+@pytest.mark.parametrize("value", [
+    {"Authorization": "Bearer x\r\nX-Injected: 1"}, {"Bad Name": "x"}, {"X-Token": "\u20ac"},
+])
+def test_auth_headers_that_would_break_a_request_are_refused(value, tmp_path):
+    storage = HybridStorage(location=str(tmp_path), hosts=["127.0.0.1:1"], http_auth=value)
+    with pytest.raises(ImproperlyConfigured, match="not an HTTP token .* not shown") as info:
+        storage.save("never.txt", ContentFile(b"x"))
+    assert "X-Injected: 1" not in str(info.value)
+    assert "\u20ac" not in str(info.value)
+    assert not (tmp_path / "never.txt").exists()
+
+
+def test_basic_auth_credentials_are_sent_as_utf8(canned_host):
+    host = canned_host((b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", False))
+    transport = DefaultTransport(base_url="/media/", http_auth=("r\u00e9sum\u00e9", "p\u20acss"))
+    assert transport.create(host.address, "a.txt", b"x") is True
+    token = base64.b64encode("r\u00e9sum\u00e9:p\u20acss".encode()).decode()
+    assert b"\r\nAuthorization: Basic %s\r\n" % token.encode() in host.requests[0][0] + b"\r\n"
 
 
 def test_pool_manager_is_rebuilt_after_fork():
