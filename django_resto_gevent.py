@@ -811,6 +811,23 @@ class _Answer:
         """Nothing to release: the body was read and the connection given back."""
 
 
+# A Host header leaves out the scheme's default port, as browsers and S3 do.
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _host_header(parts):
+    """Return the Host header of the split URL ``parts``, as http.client writes it."""
+    host = parts.hostname or ""
+    if not host.isascii():
+        host = host.encode("idna").decode("ascii")
+    if ":" in host:
+        host = "[%s]" % host  # an IPv6 literal keeps its brackets
+    port = parts.port
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+        host = "%s:%d" % (host, port)
+    return host
+
+
 def _request_head(method, path, host, headers):
     """Return the request line and header lines of a request, as bytes.
 
@@ -831,7 +848,7 @@ def _send_request(sock, head, body, size):
 
     A small body leaves with its headers in one send. A file is read from
     its current position in blocks; one that ends early raises
-    http.client.IncompleteRead instead of leaving the host waiting.
+    http.client.HTTPException instead of leaving the host waiting.
     """
     if body is None:
         sock.sendall(head)
@@ -1043,7 +1060,6 @@ _SIGV4_UNSIGNED_HEADERS = frozenset((
     "x-amzn-trace-id",
 ))
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # Derived signing keys change once a day per region and service: deriving one
 # costs four HMACs, so keep the few in use (cleared when it grows).
@@ -1102,17 +1118,6 @@ def _sigv4_canonical_query(query):
     return "&".join("%s=%s" % pair for pair in pairs)
 
 
-def _sigv4_host(parts):
-    """Return the Host header http.client would send for the split URL ``parts``."""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = "[%s]" % host  # an IPv6 literal keeps its brackets
-    port = parts.port
-    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
-        host = "%s:%d" % (host, port)
-    return host
-
-
 def _sigv4_timestamp(now):
     """Return the X-Amz-Date value (YYYYMMDDTHHMMSSZ, UTC) for ``now``."""
     if now is None:
@@ -1150,7 +1155,7 @@ def _sigv4_headers(method, url, headers, access_key, secret_key, region, now=Non
         # Trim and fold runs of blanks, as the server does before it checks.
         signed[lower] = " ".join(str(value).split())
     if "host" not in signed:
-        added["Host"] = _sigv4_host(parts)
+        added["Host"] = _host_header(parts)
         signed["host"] = added["Host"]
     signed["x-amz-date"] = timestamp
     signed["x-amz-content-sha256"] = payload_hash
@@ -1514,11 +1519,7 @@ class DefaultTransport:
                 parts.host, parts.port, parts.scheme,
                 pool_kwargs=self._tls if parts.scheme == "https" else None,
             )
-            # As http.client writes it: brackets around IPv6, no default port.
-            host_header = "[%s]" % pool.host if ":" in pool.host else pool.host
-            if pool.port not in (None, urllib3.connectionpool.port_by_scheme[parts.scheme]):
-                host_header += ":%d" % pool.port
-            route = self._routes[origin] = (manager, pool, host_header)
+            route = self._routes[origin] = (manager, pool, _host_header(urlsplit(origin)))
         if "/." in path:
             path = urllib3.util.parse_url(url).request_uri  # dot segments removed
         return route[1], route[2], path

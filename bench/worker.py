@@ -39,8 +39,11 @@ class Worker:
         import django
         from django.conf import settings
 
+        # The original's default timeout (2 s) bounds its one sendall() of a
+        # whole file: on a VM that backs memory on first touch, its 256 MiB
+        # save could overrun it. Both get 30 s, which no figure here nears.
         settings.configure(MEDIA_ROOT=media_root, MEDIA_URL="/media/", USE_TZ=True,
-                           SECRET_KEY="bench", INSTALLED_APPS=[])
+                           SECRET_KEY="bench", INSTALLED_APPS=[], RESTO_TIMEOUT=30)
         django.setup()
         if impl == "new":
             # The working tree's module, even where another copy is installed.
