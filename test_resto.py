@@ -427,16 +427,17 @@ def test_small_body_leaves_with_its_headers_in_one_send(media_servers, tmp_path,
     # Who wrote, for the host's logs.
     version = django_resto_gevent.__version__.encode()
     assert b"\r\nUser-Agent: django-resto-gevent/" + version + b"\r\n" in message
-    # A large body is streamed after its headers, never copied next to them.
+    # A large file is streamed after its headers, from its position, in blocks.
     sent.clear()
     large = tmp_path / "large.bin"
-    large.write_bytes(b"\0" * 300_000)
+    large.write_bytes(b"h" * 1000 + b"\0" * 600_000)
     with open(large, "rb") as body:
+        body.seek(1000)
         assert transport.create(server.address, "large.bin", body)
     assert sent[0].endswith(b"\r\n\r\n")
     assert b"\0" not in sent[0]
-    assert len(sent) > 1
-    assert server.files == {"/media/small.txt": small, "/media/large.bin": b"\0" * 300_000}
+    assert [len(block) for block in sent[1:]] == [256 * 1024, 256 * 1024, 600_000 - 512 * 1024]
+    assert server.files == {"/media/small.txt": small, "/media/large.bin": b"\0" * 600_000}
 
 
 def test_connection_closed_by_the_host_is_seen_and_replaced():
@@ -2672,6 +2673,51 @@ def test_unpatched_process_fans_out_on_threads_within_deadlines(tmp_path):
     assert report["trickle_seconds"] < 2.0
     assert report["joined"] is True
     assert report["files"] == [1 + 2 + 20] * 3  # parallel, hang, trickle, async/*
+
+
+STALLED_HOST_SCRIPT = r"""
+import json, os, socket, sys, time
+if sys.argv[1] == "patched":
+    from gevent import monkey
+    monkey.patch_all()
+import django
+from django.conf import settings
+settings.configure(MEDIA_URL="/media/")
+django.setup()
+from django.core.files.base import ContentFile
+import django_resto_gevent as resto
+
+assert resto._sockets_patched() is (sys.argv[1] == "patched")
+resto._MIN_TRANSFER_RATE = 64 * 1024 * 1024  # the 16 MiB below: a 0.55 s bound
+# A host whose kernel takes the connection, then nobody ever reads from it.
+stalled = socket.create_server(("127.0.0.1", 0))
+good = resto.MediaServer().start()
+bad = "127.0.0.1:%d" % stalled.getsockname()[1]
+storage = resto.HybridStorage(location=sys.argv[2], hosts=[good.address, bad],
+                              timeout=0.3, retries=0)
+data = os.urandom(16 * 1024 * 1024)
+report = {}
+started = time.monotonic()
+try:
+    storage.save("big.bin", ContentFile(data))
+    report["failed"] = []
+except resto.ReplicationError as error:
+    report["failed"] = error.hosts
+    report["error"] = str(error)
+report["seconds"] = time.monotonic() - started
+report["good_copy"] = good.files.get("/media/big.bin") == data
+good.stop()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("mode", ["patched", "unpatched"])
+def test_a_host_that_stops_reading_an_upload_is_cut_at_the_deadline(mode, tmp_path):
+    report = json.loads(python_output(STALLED_HOST_SCRIPT, mode, str(tmp_path)))
+    assert report["failed"] == [report["failed"][0]]
+    assert "no complete answer within 0.6 seconds" in report["error"]
+    assert report["seconds"] < 3.0
+    assert report["good_copy"] is True
 
 
 def test_pool_made_before_patching_is_not_reused_after():
