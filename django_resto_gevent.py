@@ -828,11 +828,24 @@ def _host_header(parts):
     return host
 
 
+# What a request path may not hold: it would end the request line or a header.
+_BAD_PATH_CHARACTER = re.compile("[\\x00-\\x20\\x7f-\\U0010ffff]")
+
+# Characters a path keeps as they are when it is encoded (RFC 3986 pchar and
+# "/", plus "%" so that escapes already there are not encoded twice).
+_PATH_SAFE = "/%!$&'()*+,;=:@~"
+
+
 def _request_head(method, path, host, headers):
     """Return the request line and header lines of a request, as bytes.
 
     ``host`` is the Host header, unless ``headers`` has one (S3 signs it).
+    ``path`` must be encoded already: a space or a control character in it
+    raises http.client.InvalidURL, as http.client does, rather than send a
+    request the host would misread.
     """
+    if _BAD_PATH_CHARACTER.search(path):
+        raise http.client.InvalidURL("the request path %r is not encoded" % path[:200])
     lines = ["%s %s HTTP/1.1" % (method, path)]
     if "Host" not in headers:
         lines.append("Host: " + host)
@@ -997,6 +1010,7 @@ def _exchange(pool, host, method, path, body, headers, size, connect_timeout, re
     urllib3's and http.client's layers cost more client CPU than the rest
     of the exchange (issue #5). ``host`` is the Host header.
     """
+    head = _request_head(method, path, host, headers)  # checked before any connection
     connection = pool._get_conn()
     try:
         if connection.sock is None:
@@ -1009,7 +1023,7 @@ def _exchange(pool, host, method, path, body, headers, size, connect_timeout, re
         sock.settimeout(read_timeout)
         sent = True
         try:
-            _send_request(sock, _request_head(method, path, host, headers), body, size)
+            _send_request(sock, head, body, size)
         except OSError as exc:
             # A host may answer and close before taking the whole body (a 413
             # over its size limit, a 401): that answer says why, so read it.
@@ -1216,7 +1230,10 @@ class DefaultTransport:
         self.s3_region = get_setting("S3_REGION") if s3_region is None else s3_region
         parts = urlsplit(self.base_url or "/")
         self._default_scheme = parts.scheme or "http"
-        self._base_path = parts.path if parts.path.endswith("/") else parts.path + "/"
+        # Encoded once: requests are written by hand, and a space or a control
+        # character would break the request line. Escapes already there stay.
+        path = quote(parts.path, safe=_PATH_SAFE)
+        self._base_path = path if path.endswith("/") else path + "/"
         # origin -> (pool manager, urllib3 pool, Host header): see _route().
         self._routes = {}
 
@@ -1233,7 +1250,8 @@ class DefaultTransport:
         if endpoint.bucket is not None:
             # Path-style S3: the key is the entry's prefix, else MEDIA_URL's path.
             prefix = self._base_path.lstrip("/") if endpoint.prefix is None else endpoint.prefix
-            path = "/%s/%s" % (endpoint.bucket, prefix)
+            path = "/%s/%s" % (quote(endpoint.bucket, safe=_PATH_SAFE),
+                               quote(prefix, safe=_PATH_SAFE))
         return "%s://%s%s%s" % (endpoint.scheme, endpoint.netloc, path, quote(name, safe="/"))
 
     def content(self, host, name):

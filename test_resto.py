@@ -286,10 +286,33 @@ def test_replication_error_names_every_failed_host_in_order():
         ("/media/", "m:1", "what?.txt", "http://m:1/media/what%3F.txt"),
         ("/media/", "m:1", "#1.txt", "http://m:1/media/%231.txt"),
         ("/media/", "m:1", "d s/\u00fc.txt", "http://m:1/media/d%20s/%C3%BC.txt"),
+        ("/m\u00e9dia files/", "m:1", "a.txt", "http://m:1/m%C3%A9dia%20files/a.txt"),
+        ("/already%20encoded/", "m:1", "a.txt", "http://m:1/already%20encoded/a.txt"),
+        ("/media/", "s3+http://s3:1/b/k p/", "a.txt", "http://s3:1/b/k%20p/a.txt"),
     ],
 )
 def test_transport_url(base_url, host, name, url):
     assert DefaultTransport(base_url=base_url).url(host, name) == url
+
+
+def test_media_url_that_needs_encoding_reaches_the_host_decoded(media_servers):
+    server, = media_servers(1)
+    transport = DefaultTransport(base_url="/m\u00e9dia files/")
+    assert transport.create(server.address, "caf\u00e9 1.txt", b"x") is True
+    assert server.files == {"/m\u00e9dia files/caf\u00e9 1.txt": b"x"}
+
+
+def test_a_request_path_that_is_not_encoded_is_never_sent(canned_host):
+    host = canned_host((b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", False))
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    url = "http://%s/media/a b\r\nX-Injected: 1" % host.address
+    with pytest.raises(TransportError, match="is not encoded"):
+        transport._request("PUT", url, host.address, body=b"x",
+                           headers={"Content-Length": "1"}, size=1)
+    assert transport.create(host.address, "ok.txt", b"y") is True
+    # Only the second request reached the host.
+    assert [head.split(b"\r\n")[0] for head, _ in host.requests] == [
+        b"PUT /media/ok.txt HTTP/1.1"]
 
 
 # (method, status) -> what the transport method returns, or the exception it raises.
