@@ -34,9 +34,9 @@ holds the first bytes of a new connection one round trip more, as a TCP
 handshake would. Each 256 MiB save runs in a fresh worker: its peak RSS
 (``VmHWM``, reset after a warm-up save) is compared with its RSS before the
 save, and the bytes on every host are checked. Run from the repository root,
-by hand, never in CI (a full run takes about four minutes on 2 cores)::
+by hand, never in CI (a full run takes about 3.5 minutes on 2 cores)::
 
-    .venv-py311-dj52/bin/python bench/bench.py            # --quick: about one minute
+    .venv-py311-dj52/bin/python bench/bench.py            # --quick: about 30 seconds
 """
 
 import os
