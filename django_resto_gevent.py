@@ -945,7 +945,12 @@ class _AnswerReader:
             if 100 <= status < 200:
                 continue  # 100 Continue, 103 Early Hints: the answer follows
             headers = {}
+            name = None
             for line in lines[1:]:
+                if line[:1] in (" ", "\t") and name is not None:
+                    # An obsolete folded line continues the header above it.
+                    headers[name] += " " + line.strip()
+                    continue
                 name, colon, value = line.partition(":")
                 if not colon:
                     raise http.client.HTTPException("malformed header line %r" % line[:100])

@@ -615,7 +615,7 @@ def test_answers_in_chunks_with_trailers_are_read_whole(canned_host):
 def test_interim_answers_are_skipped_and_headers_read_case_insensitively(canned_host):
     host = canned_host(
         (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nCONTENT-length: 0\r\n"
-         b"X-Dup: a\r\nx-dup: b\r\n\r\n", False),
+         b"X-Dup: a\r\nx-dup: b\r\nX-Folded: one\r\n\t two\r\n\r\n", False),
         (b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 0\r\nContent-Length: 7\r\n\r\n", False))
     transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
     url = transport.url(host.address, "a.txt")
@@ -623,6 +623,7 @@ def test_interim_answers_are_skipped_and_headers_read_case_insensitively(canned_
                                 headers={"Content-Length": "3"}, size=3)
     assert answer.status == 200
     assert answer.headers["x-dup"] == "a, b"
+    assert answer.headers["x-folded"] == "one two"
     # Two different Content-Length values are an error, never a guess.
     with pytest.raises(TransportError, match="Content-Length"):
         transport._request("PUT", url, host.address, body=b"abc",
