@@ -1242,6 +1242,12 @@ class DefaultTransport:
         # origin -> (pool manager, urllib3 pool, Host header): see _route().
         self._routes = {}
 
+    def __getstate__(self):
+        # Pools hold sockets and locks: a copy finds its own routes.
+        state = self.__dict__.copy()
+        state["_routes"] = {}
+        return state
+
     def __repr__(self):
         # Never the credentials: only whether there are some.
         return "<%s base_url=%r timeout=%r%s>" % (

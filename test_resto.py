@@ -712,6 +712,16 @@ def test_request_route(url, host_header, path):
     assert transport._route(url)[0] is pool
 
 
+def test_a_used_transport_pickles_and_the_copy_works(media_servers):
+    server, = media_servers(1)
+    transport = DefaultTransport(base_url="/media/")
+    assert transport.create(server.address, "one.txt", b"1") is True
+    copy = pickle.loads(pickle.dumps(transport))
+    assert copy._routes == {}
+    assert copy.create(server.address, "two.txt", b"2") is True
+    assert server.files == {"/media/one.txt": b"1", "/media/two.txt": b"2"}
+
+
 @pytest.mark.parametrize("value", [
     {"Authorization": "Bearer x\r\nX-Injected: 1"}, {"Bad Name": "x"}, {"X-Token": "\u20ac"},
 ])
