@@ -511,6 +511,12 @@ _REASON_HINTS = (
     (socket.gaierror, "The host name does not resolve: check RESTO_MEDIA_HOSTS and DNS."),
     ((TimeoutError, urllib3.exceptions.TimeoutError),
      "No complete answer within RESTO_TIMEOUT: the host is down, overloaded or far."),
+    # A subclass of BadStatusLine, so before it: the host said nothing at all.
+    (http.client.RemoteDisconnected,
+     "The host closed the connection without answering: see its error log."),
+    ((http.client.BadStatusLine, http.client.LineTooLong),
+     "What answered is not an HTTP/1.x server: check the host, the port and http:// "
+     "against https:// in RESTO_MEDIA_HOSTS."),
 )
 
 

@@ -666,6 +666,18 @@ def test_a_malformed_answer_is_a_transport_error(answer, error, canned_host):
     assert not [c for c in pool.pool.queue if c is not None and c.sock is not None]
 
 
+@pytest.mark.parametrize(("answer", "hint"), [
+    (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "not an HTTP/1.x server: check the host, the port"),
+    (b"", "closed the connection without answering"),
+])
+def test_what_a_garbled_or_missing_answer_means_is_said(answer, hint, canned_host):
+    host = canned_host((answer, True))
+    with pytest.raises(TransportError) as info:
+        DefaultTransport(base_url="/media/", retries=0, timeout=5).create(
+            host.address, "a.txt", b"x")
+    assert hint in str(info.value)
+
+
 def test_a_long_error_body_is_cut_and_its_connection_dropped(canned_host, monkeypatch):
     monkeypatch.setattr(django_resto_gevent, "_MAX_ANSWER_BODY", 1000)
     page = b"e" * 5000
