@@ -448,8 +448,10 @@ class TransportError(RestoError):
 
     @property
     def retryable(self):
-        """False when trying again cannot help (a certificate that fails verification)."""
-        return not _is_certificate_error(self.reason)
+        """False when trying again cannot help: a certificate that fails
+        verification, or a request that could not be written."""
+        return not (_is_certificate_error(self.reason)
+                    or _find_cause(self.reason, http.client.InvalidURL) is not None)
 
 
 # What usually causes an unexpected status, keyed by (method, status), then
@@ -1518,7 +1520,8 @@ class DefaultTransport:
         headers = dict(headers or (), **{"User-Agent": _USER_AGENT})
         headers = self._sign(method, url, host, headers)  # afresh: S3 signs the time
         try:
-            pool, host_header, path = self._route(url)
+            # S3 signs the path as it is: its dot segments must stay.
+            pool, host_header, path = self._route(url, normalize=not self._is_s3(host))
             with _deadline(bound):
                 if preload_content:
                     return _exchange(pool, host_header, method, path, body, headers, size,
@@ -1538,8 +1541,11 @@ class DefaultTransport:
         except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
             raise TransportError(method, url, host, exc) from exc
 
-    def _route(self, url):
+    def _route(self, url, normalize=True):
         """Return the urllib3 pool for ``url``, its Host header and the request path.
+
+        With ``normalize``, the path's "." and ".." segments are resolved, as
+        urllib3 does.
 
         The pool of each origin is kept, as long as the process's pool
         manager and the pool itself live: looking it up through urllib3
@@ -1555,7 +1561,7 @@ class DefaultTransport:
                 pool_kwargs=self._tls if parts.scheme == "https" else None,
             )
             route = self._routes[origin] = (manager, pool, _host_header(urlsplit(origin)))
-        if "/." in path:
+        if normalize and "/." in path:
             path = urllib3.util.parse_url(url).request_uri  # dot segments removed
         return route[1], route[2], path
 

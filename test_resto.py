@@ -306,9 +306,10 @@ def test_a_request_path_that_is_not_encoded_is_never_sent(canned_host):
     host = canned_host((b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", False))
     transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
     url = "http://%s/media/a b\r\nX-Injected: 1" % host.address
-    with pytest.raises(TransportError, match="is not encoded"):
+    with pytest.raises(TransportError, match="is not encoded") as info:
         transport._request("PUT", url, host.address, body=b"x",
                            headers={"Content-Length": "1"}, size=1)
+    assert info.value.retryable is False  # the same request cannot fare better
     assert transport.create(host.address, "ok.txt", b"y") is True
     # Only the second request reached the host.
     assert [head.split(b"\r\n")[0] for head, _ in host.requests] == [
@@ -705,6 +706,18 @@ def test_a_file_shorter_than_its_size_fails_instead_of_hanging(canned_host, tmp_
             pytest.raises(TransportError, match="ended 90 bytes short of its size"):
         transport.create(host.address, "short.bin", body, size=100)
     assert host.requests == []  # the host never got a whole request
+
+
+def test_s3_request_path_is_sent_as_signed(canned_host):
+    # S3 keys keep "." segments, and the signature covers the path as written.
+    host = canned_host((b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False))
+    entry = "s3+http://%s/bucket" % host.address
+    transport = DefaultTransport(base_url="/media/", s3_credentials=("AKID", "secret"),
+                                 s3_region="us-east-1")
+    assert transport.create(entry, "a/./b.txt", b"x") is True
+    head = host.requests[0][0]
+    assert head.startswith(b"PUT /bucket/media/a/./b.txt HTTP/1.1\r\n")
+    assert b"\r\nAuthorization: AWS4-HMAC-SHA256 " in head
 
 
 @pytest.mark.parametrize(("url", "host_header", "path"), [
