@@ -1544,12 +1544,11 @@ class DefaultTransport:
     def _route(self, url, normalize=True):
         """Return the urllib3 pool for ``url``, its Host header and the request path.
 
-        With ``normalize``, the path's "." and ".." segments are resolved, as
-        urllib3 does.
-
         The pool of each origin is kept, as long as the process's pool
         manager and the pool itself live: looking it up through urllib3
         again (URL parsing, pool key) cost a tenth of a small request.
+        With ``normalize``, the path's "." and ".." segments are resolved, as
+        urllib3 does.
         """
         origin, path = _split_origin(url)
         manager = _pool_manager(self.host_count)

@@ -273,6 +273,11 @@ def test_replication_error_names_every_failed_host_in_order():
 ###############################################################################
 
 
+def one_attempt_transport():
+    """Return a transport that tries each request once, within 5 seconds."""
+    return DefaultTransport(base_url="/media/", retries=0, timeout=5)
+
+
 @pytest.mark.parametrize(
     ("base_url", "host", "name", "url"),
     [
@@ -304,7 +309,7 @@ def test_media_url_that_needs_encoding_reaches_the_host_decoded(media_servers):
 
 def test_a_request_path_that_is_not_encoded_is_never_sent(canned_host):
     host = canned_host((b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", False))
-    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    transport = one_attempt_transport()
     url = "http://%s/media/a b\r\nX-Injected: 1" % host.address
     with pytest.raises(TransportError, match="is not encoded") as info:
         transport._request("PUT", url, host.address, body=b"x",
@@ -483,7 +488,7 @@ def test_connection_closed_by_the_host_is_seen_and_replaced():
 
     server = gevent.spawn(serve_two_connections)
     try:
-        transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+        transport = one_attempt_transport()
         assert transport.create(address, "first.txt", b"x") is True
         pool = django_resto_gevent._pool_manager(1).connection_from_url("http://" + address)
         idle = [c for c in pool.pool.queue if c is not None and c.sock is not None]
@@ -604,7 +609,7 @@ def test_answers_in_chunks_with_trailers_are_read_whole(canned_host):
         (b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n"
          b"5;note=x\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n", False),
         (b"HTTP/1.1 204 No Content\r\n\r\n", False))
-    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    transport = one_attempt_transport()
     url = transport.url(host.address, "a.txt")
     answer = transport._request("DELETE", url, host.address)
     assert (answer.status, answer.data) == (500, b"hello world")
@@ -618,7 +623,7 @@ def test_interim_answers_are_skipped_and_headers_read_case_insensitively(canned_
         (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nCONTENT-length: 0\r\n"
          b"X-Dup: a\r\nx-dup: b\r\nX-Folded: one\r\n\t two\r\n\r\n", False),
         (b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 0\r\nContent-Length: 7\r\n\r\n", False))
-    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    transport = one_attempt_transport()
     url = transport.url(host.address, "a.txt")
     answer = transport._request("PUT", url, host.address, body=b"abc",
                                 headers={"Content-Length": "3"}, size=3)
@@ -641,7 +646,7 @@ def test_interim_answers_are_skipped_and_headers_read_case_insensitively(canned_
 ])
 def test_a_connection_the_answer_ends_is_not_reused(answer, canned_host):
     host = canned_host((answer, True), (answer, True))
-    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    transport = one_attempt_transport()
     assert transport.create(host.address, "one.txt", b"1") is True
     assert transport.create(host.address, "two.txt", b"2") is True
     assert host.connections == 2
@@ -659,7 +664,7 @@ def test_a_connection_the_answer_ends_is_not_reused(answer, canned_host):
 ])
 def test_a_malformed_answer_is_a_transport_error(answer, error, canned_host):
     host = canned_host((answer, True))
-    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    transport = one_attempt_transport()
     with pytest.raises(TransportError, match=error) as info:
         transport.create(host.address, "bad.txt", b"x")
     assert info.value.host == host.address
@@ -674,7 +679,7 @@ def test_a_malformed_answer_is_a_transport_error(answer, error, canned_host):
 def test_what_a_garbled_or_missing_answer_means_is_said(answer, hint, canned_host):
     host = canned_host((answer, True))
     with pytest.raises(TransportError) as info:
-        DefaultTransport(base_url="/media/", retries=0, timeout=5).create(
+        one_attempt_transport().create(
             host.address, "a.txt", b"x")
     assert hint in str(info.value)
 
@@ -687,7 +692,7 @@ def test_a_long_error_body_is_cut_and_its_connection_dropped(canned_host, monkey
         (b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n"
          b"1388\r\n" + page + b"\r\n0\r\n\r\n", True),
         (b"HTTP/1.1 204 No Content\r\n\r\n", False))
-    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    transport = one_attempt_transport()
     url = transport.url(host.address, "a.txt")
     for _ in range(2):
         answer = transport._request("DELETE", url, host.address)
@@ -701,7 +706,7 @@ def test_a_file_shorter_than_its_size_fails_instead_of_hanging(canned_host, tmp_
     host = canned_host((b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", False))
     source = tmp_path / "short.bin"
     source.write_bytes(b"x" * 10)
-    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5)
+    transport = one_attempt_transport()
     with open(source, "rb") as body, \
             pytest.raises(TransportError, match="ended 90 bytes short of its size"):
         transport.create(host.address, "short.bin", body, size=100)
