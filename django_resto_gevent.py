@@ -754,11 +754,8 @@ _real_poll = monkey.get_original("select", "poll") if hasattr(select, "poll") el
 
 
 class _ConnectionMixin:
-    """What this module's connections add to urllib3's.
-
-    Where sockets are not patched, the socket honours the thread's deadline;
-    and an idle connection is checked with one real poll().
-    """
+    """What this module's connections add to urllib3's: an idle one is checked
+    with one real poll()."""
 
     @property
     def is_connected(self):
@@ -3390,21 +3387,35 @@ def _explain(error):
     return str(error)
 
 
+# Redirects check follows from the public URL to the file (http to https, a CDN).
+_MAX_PUBLIC_REDIRECTS = 3
+
+
 def _check_public_url(storage, transport, name, data):
-    """GET the probe through ``storage.url()``; say what came back."""
+    """GET the probe through ``storage.url()``, without credentials; say what came back."""
     url = storage.url(name)
     if not url.startswith(("http://", "https://")):
         return "not fetched (MEDIA_URL is a path; set an absolute base_url to check it)"
     try:
-        with _Deadline(transport.timeout).bounding():
-            response = _pool_manager(1).request(
-                "GET", url, timeout=transport.timeout, retries=False, redirect=3)
-    except (urllib3.exceptions.HTTPError, OSError) as error:
-        return "not reachable from here (%s)" % error
-    if response.status != 200:
+        for _redirect in range(_MAX_PUBLIC_REDIRECTS + 1):
+            origin, path = _split_origin(url)
+            parts = urlsplit(origin)
+            pool = _pool_manager(1).connection_from_host(
+                parts.hostname, parts.port, parts.scheme,
+                pool_kwargs=transport._tls if parts.scheme == "https" else None)
+            answer = _exchange(pool, _host_header(parts), "GET", path, None,
+                               {"User-Agent": _USER_AGENT}, 0, transport.timeout,
+                               _Deadline(transport.timeout))
+            location = answer.headers.get("location")
+            if answer.status not in (301, 302, 303, 307, 308) or not location:
+                break
+            url = urljoin(url, location)
+    except (urllib3.exceptions.HTTPError, _WireError, OSError) as error:
+        return "not reachable from here (%s)" % _with_hint(error)
+    if answer.status != 200:
         return "answered %d (is the public server in front of the media hosts?)" % (
-            response.status)
-    return "ok" if response.data == data else "served different bytes"
+            answer.status)
+    return "ok" if answer.data == data else "served different bytes"
 
 
 def _serve(args):
