@@ -708,7 +708,9 @@ class _Deadline:
 
     def passed(self):
         """Return the TimeoutError that says the deadline passed."""
-        return TimeoutError("no complete answer within %.1f seconds" % (self.at - self.start))
+        # Rounded first: start + 0.55 - start is not quite 0.55.
+        seconds = round(self.at - self.start, 6)
+        return TimeoutError("no complete answer within %.1f seconds" % seconds)
 
     def explain(self, idle_timeout):
         """Return the TimeoutError to raise for a socket call that timed out."""
@@ -902,30 +904,36 @@ _RECEIVE_SIZE = 16 * 1024
 _YIELD_EVERY = 16
 
 # The grammar of an answer (RFC 9112 section 4, RFC 9110 section 5), as
-# regular expressions over bytes. Strict where the end of a message is
-# decided; a field value may hold any byte but NUL and ASCII white space,
-# with runs of SP or HTAB inside, as h11 accepts, and is trimmed of SP and
-# HTAB only.
-_OWS = rb"[ \t]*"
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
-_FIELD_VCHAR = rb"[^\x00\s]"
-_FIELD_CONTENT = _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR + rb"+)*"
+# regular expressions over the head decoded as Latin-1. Strict where the end
+# of a message is decided; a field value may hold any character but NUL and
+# ASCII white space, with runs of SP or HTAB inside, as h11 accepts, and is
+# trimmed of SP and HTAB only.
+_OWS = r"[ \t]*"
+_TOKEN = r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_FIELD_VCHAR = r"[^\x00\t\n\v\f\r ]"
+_FIELD_CONTENT = _FIELD_VCHAR + r"+(?:[ \t]+" + _FIELD_VCHAR + r"+)*"
 # status-line = HTTP-version SP status-code SP [ reason-phrase ]; servers
 # that leave out "SP reason-phrase" are common enough to accept.
 _STATUS_LINE = re.compile(
-    rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: (?:[ \t]|" + _FIELD_VCHAR + rb")*)?")
-# field-line = field-name ":" OWS field-value OWS
-_FIELD_LINE = re.compile(
-    rb"(" + _TOKEN + rb"):" + _OWS + rb"((?:" + _FIELD_CONTENT + rb")?)" + _OWS)
+    r"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: (?:[ \t]|" + _FIELD_VCHAR + r")*)?")
+# field-line = field-name ":" OWS field-value OWS; a head's field lines are
+# checked in one match, joined by CRLF.
+_FIELD_LINE = _TOKEN + ":" + _OWS + "(?:" + _FIELD_CONTENT + ")?" + _OWS
+_FIELD_LINES = re.compile("(?:%s(?:\r\n%s)*)?" % (_FIELD_LINE, _FIELD_LINE))
+_ONE_FIELD_LINE = re.compile(_FIELD_LINE)
 # obs-fold: a line that starts with SP or HTAB continues the one above it.
-_OBS_FOLD = re.compile(rb"[ \t]+")
+_OBS_FOLD = re.compile(r"[ \t]+")
 # Content-Length = 1*DIGIT; more than 20 digits is no file size.
-_CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
 # chunk-size [ chunk-ext ], before its CRLF: the extensions are ignored, and
 # blanks before the CRLF tolerated, as some servers send them.
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?" + _OWS)
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
 # The end of a head: an empty line, after CRLF or a bare LF.
 _HEAD_END = re.compile(rb"\n\r?\n")
+
+
+# The headers that decide where an answer ends, or whether its connection lives.
+_FRAMING_FIELDS = frozenset(("content-length", "transfer-encoding", "connection"))
 
 
 class _Answer:
@@ -1030,7 +1038,7 @@ class _AnswerReader:
         return data
 
     def _lines(self, what):
-        """Return the lines up to the next empty one, their ends removed.
+        """Return the lines up to the next empty one, decoded, their ends removed.
 
         An empty line first gives no lines. A bare LF ends a line too
         (RFC 9112 section 2.2 allows a recipient that), leniently.
@@ -1038,20 +1046,19 @@ class _AnswerReader:
         start = 0
         while True:
             if self._buffer[:1] == b"\n" or self._buffer[:2] == b"\r\n":
-                self.lenient |= self._buffer[:1] == b"\n"
-                del self._buffer[:1 if self._buffer[:1] == b"\n" else 2]
+                bare = self._buffer[:1] == b"\n"
+                self.lenient |= bare
+                del self._buffer[:1 if bare else 2]
                 return []
             found = _HEAD_END.search(self._buffer, start)
             if found is not None:
-                lines = bytes(self._buffer[:found.end()]).split(b"\n")
+                text = self._buffer[:found.end()].decode("latin-1")
                 del self._buffer[:found.end()]
-                del lines[-1]  # what follows the last LF: nothing
-                for index, line in enumerate(lines):
-                    if line.endswith(b"\r"):
-                        lines[index] = line[:-1]
-                    else:
-                        self.lenient = True
-                return lines[:-1]  # the empty line
+                if text.count("\n") == text.count("\r\n"):
+                    return text[:-4].split("\r\n")  # every line ends with CRLF
+                self.lenient = True
+                lines = text.split("\n")[:-2]  # the empty line and what follows it
+                return [line[:-1] if line.endswith("\r") else line for line in lines]
             if len(self._buffer) > _MAX_ANSWER_HEAD:
                 raise _NotHTTP("%s over %d bytes" % (what, _MAX_ANSWER_HEAD))
             start = max(0, len(self._buffer) - 2)
@@ -1084,6 +1091,49 @@ class _AnswerReader:
         digits (a list or repeats of one value allowed); Transfer-Encoding
         must be "chunked" alone; having both is an error, never a guess.
         """
+        block = "\r\n".join(lines)
+        if block[:1] in (" ", "\t") or "\r\n " in block or "\r\n\t" in block:
+            lines = self._unfold(lines)
+            block = "\r\n".join(lines)
+        if not _FIELD_LINES.fullmatch(block):
+            bad = next(line for line in lines if not _ONE_FIELD_LINE.fullmatch(line))
+            raise _AnswerError("malformed header line %r" % bad[:100])
+        headers = {}
+        length = None
+        chunked = close = False
+        for line in lines:
+            name, _, value = line.partition(":")
+            name = name.lower()
+            value = value.strip(" \t")
+            if name in headers:
+                headers[name] += ", " + value
+            else:
+                headers[name] = value
+            if name not in _FRAMING_FIELDS:
+                continue
+            if name == "content-length":
+                values = {part.strip(" \t") for part in value.split(",")}
+                if length is not None:
+                    values.add(length)
+                if len(values) != 1:
+                    raise _AnswerError("conflicting Content-Length values %r" % value[:100])
+                length = values.pop()
+                if not _CONTENT_LENGTH.fullmatch(length):
+                    raise _AnswerError("bad Content-Length %r" % value[:100])
+            elif name == "transfer-encoding":
+                if chunked or value.lower() != "chunked":
+                    raise _AnswerError("Transfer-Encoding %r: only one 'chunked' is accepted"
+                                       % value[:100])
+                chunked = True
+            else:
+                close |= "close" in [token.strip(" \t").lower() for token in value.split(",")]
+        if chunked and length is not None:
+            raise _AnswerError("both Content-Length and Transfer-Encoding: the end of the "
+                               "answer is ambiguous (RFC 9112 section 6.3)")
+        return headers, None if length is None else int(length), chunked, close
+
+    def _unfold(self, lines):
+        """Join each obsolete folded line to the one above it, with a space (RFC 9112 5.2)."""
         joined = []
         for line in lines:
             fold = _OBS_FOLD.match(line)
@@ -1094,39 +1144,8 @@ class _AnswerReader:
                 raise _AnswerError("a folded line before the first header line: %r"
                                    % line[:100])
             self.lenient = True
-            joined[-1] = joined[-1] + b" " + line[fold.end():]
-        headers = {}
-        length = None
-        chunked = close = False
-        for line in joined:
-            field = _FIELD_LINE.fullmatch(line)
-            if field is None:
-                raise _AnswerError("malformed header line %r" % line[:100])
-            name, value = field.groups()
-            name = name.lower()
-            if name == b"content-length":
-                values = {part.strip(b" \t") for part in value.split(b",")}
-                if length is not None:
-                    values.add(length)
-                if len(values) != 1:
-                    raise _AnswerError("conflicting Content-Length values %r" % value[:100])
-                length = values.pop()
-                if not _CONTENT_LENGTH.fullmatch(length):
-                    raise _AnswerError("bad Content-Length %r" % value[:100])
-            elif name == b"transfer-encoding":
-                if chunked or value.lower() != b"chunked":
-                    raise _AnswerError("Transfer-Encoding %r: only one 'chunked' is accepted"
-                                       % value[:100])
-                chunked = True
-            elif name == b"connection":
-                close |= b"close" in [token.strip(b" \t").lower() for token in value.split(b",")]
-            key = name.decode("ascii")
-            value = value.decode("latin-1")
-            headers[key] = headers[key] + ", " + value if key in headers else value
-        if chunked and length is not None:
-            raise _AnswerError("both Content-Length and Transfer-Encoding: the end of the "
-                               "answer is ambiguous (RFC 9112 section 6.3)")
-        return headers, None if length is None else int(length), chunked, close
+            joined[-1] = joined[-1] + " " + line[fold.end():]
+        return joined
 
     def read(self, method, sink=None):
         """Return the _Answer to a request of ``method``, skipping interim (1xx) answers.
@@ -1139,9 +1158,8 @@ class _AnswerReader:
             if not lines:
                 raise _NotHTTP("an empty line where the status line should be")
             status_line = _STATUS_LINE.fullmatch(lines[0])
-            if status_line is None or status_line.group(1) != b"1":
-                raise _NotHTTP("not an HTTP/1.x status line: %r"
-                               % lines[0][:100].decode("latin-1"))
+            if status_line is None or status_line.group(1) != "1":
+                raise _NotHTTP("not an HTTP/1.x status line: %r" % lines[0][:100])
             status = int(status_line.group(3))
             if status < 100:
                 raise _NotHTTP("status %03d is not an HTTP status" % status)
@@ -1153,7 +1171,7 @@ class _AnswerReader:
                 break
         else:
             raise _AnswerError("more than %d interim (1xx) answers" % _MAX_INTERIM_ANSWERS)
-        keep_alive = status_line.group(2) != b"0" and not close
+        keep_alive = status_line.group(2) != "0" and not close
         streamed = sink is not None and method == "GET" and status == 200
         body = (sink if isinstance(sink, _Sink) else _Sink(sink)) if streamed else _KeptBody()
         if method == "HEAD" or status in (204, 304):
