@@ -660,6 +660,40 @@ def _pool_manager(host_count):
         return state["manager"]
 
 
+# Where gevent patched ssl after urllib3 was imported, urllib3 still builds its
+# TLS contexts from the original SSLContext class, whose options setter looks
+# up SSLContext in the ssl module, finds gevent's subclass and calls itself
+# until RecursionError (gevent issue #1016). gunicorn -k gevent --preload does
+# this: the master imports the application, the worker patches after fork().
+_LATE_SSL_PATCH = (
+    "gevent patched the ssl module after urllib3 had imported it, so HTTPS requests "
+    "to the media hosts would fail with RecursionError (gevent issue #1016). "
+    "gunicorn --preload with gevent workers does this: the application is loaded "
+    "before the worker patches. Patch first, at the top of gunicorn.conf.py (from "
+    "gevent import monkey; monkey.patch_all()), or do not use --preload. Elsewhere, "
+    "patch first thing in the script that starts the process."
+)
+
+# (process id and whether ssl is patched, verdict): one tuple, replaced whole.
+_late_ssl_verdict = [(None, False)]
+
+
+def _check_ssl_patched_in_time():
+    """Raise ImproperlyConfigured where urllib3 holds the SSLContext gevent replaced.
+
+    The verdict is kept per process and patching state: after the first
+    call this costs a process id and a comparison.
+    """
+    key = (os.getpid(), monkey.is_module_patched("ssl"))
+    known, late = _late_ssl_verdict[0]
+    if known != key:
+        late = key[1] and (urllib3.util.ssl_.SSLContext
+                           is monkey.get_original("ssl", "SSLContext"))
+        _late_ssl_verdict[0] = (key, late)
+    if late:
+        raise ImproperlyConfigured(_LATE_SSL_PATCH)
+
+
 # A slow but steady transfer is not cut by the deadline. An upload may take
 # RESTO_TIMEOUT plus one second per this many bytes of its (known) size; a
 # download earns the same second per this many bytes that actually arrive,
@@ -1752,6 +1786,8 @@ class DefaultTransport:
         route = self._routes.get(origin)
         if route is None or route[0] is not manager or route[1].pool is None:
             parts = urllib3.util.parse_url(origin)
+            if parts.scheme == "https":
+                _check_ssl_patched_in_time()
             pool = manager.connection_from_host(
                 parts.host, parts.port, parts.scheme,
                 pool_kwargs=self._tls if parts.scheme == "https" else None,
