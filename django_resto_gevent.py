@@ -981,17 +981,19 @@ _FRAMING_FIELDS = frozenset(("content-length", "transfer-encoding", "connection"
 class _Answer:
     """An answer: its status, headers (lower-case names) and body.
 
-    ``data`` is the body, unless it went to a file; ``complete`` says the
-    end of the answer was read; ``reusable`` that its connection may carry
-    the next request.
+    ``data`` is the body, unless it went to a file; ``length`` the checked
+    Content-Length, or None; ``complete`` says the end of the answer was
+    read; ``reusable`` that its connection may carry the next request.
     """
 
-    __slots__ = ("status", "headers", "data", "complete", "reusable", "resto_attempts")
+    __slots__ = ("status", "headers", "data", "length", "complete", "reusable",
+                 "resto_attempts")
 
-    def __init__(self, status, headers, data, complete=True, reusable=False):
+    def __init__(self, status, headers, data, length=None, complete=True, reusable=False):
         self.status = status
         self.headers = headers
         self.data = data
+        self.length = length
         self.complete = complete
         self.reusable = reusable
 
@@ -1227,7 +1229,7 @@ class _AnswerReader:
             keep_alive = False
         data = b"" if streamed else b"".join(body.parts)
         reusable = complete and keep_alive and not self.lenient and not self._buffer
-        return _Answer(status, headers, data, complete, reusable)
+        return _Answer(status, headers, data, length, complete, reusable)
 
     def _counted(self, length, body):
         """Read a body of ``length`` bytes into ``body``; False if it was cut."""
@@ -1797,9 +1799,8 @@ class DefaultTransport:
             raise _not_found(name, host)
         if response.status != 200:
             raise self._unexpected("HEAD", url, host, response.status, (200,))
-        length = response.headers.get("content-length", "")
-        if length.isdigit():
-            return int(length)
+        if response.length is not None:
+            return response.length
         return self.fetch(host, name, _Discard())
 
     def create(self, host, name, content, size=None):
