@@ -82,6 +82,7 @@ import threading
 import time
 import warnings
 import weakref
+import xml.etree.ElementTree
 from collections import namedtuple
 from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit, urlunsplit
 
@@ -1347,6 +1348,10 @@ _PUT_STATUSES = (201, 200, 204)
 # without create_full_put_path says 500 (its rename() fails).
 _MISSING_PARENT_STATUSES = frozenset((409, 404, 403, 500))
 
+# Asks for one property of one resource (RFC 4918 section 9.1): its type.
+_PROPFIND_RESOURCETYPE = (b'<?xml version="1.0" encoding="utf-8"?>\n'
+                          b'<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>\n')
+
 # Collections known to exist, as URLs ending with "/", and the origins
 # ("scheme://netloc") that need them: shared by every transport of the
 # process, so that later saves into a known directory pay nothing.
@@ -1866,15 +1871,18 @@ class DefaultTransport:
     def _make_collections(self, kind, collections, trust_cache):
         """MKCOL each missing collection top down; 201 and 405 (exists) are fine.
 
-        Collections made or found are remembered for the process, so later
-        saves into them pay nothing; ``trust_cache`` False asks again about
-        every one (the server said one is missing after all).
+        Another answer may mean the MKCOL lost a race: Apache answers 403 to
+        the MKCOL of a collection that a concurrent one has just made. The
+        collection is then looked up, and only one still missing makes the
+        refusal an error. Collections made or found are remembered for the
+        process, so later saves into them pay nothing; ``trust_cache`` False
+        asks again about every one (the server said one is missing after all).
         """
         for collection in collections:
             if trust_cache and collection in _known_collections:
                 continue
             status = self._request("MKCOL", collection, kind.entry).status
-            if status not in (201, 405):
+            if status not in (201, 405) and not self._is_collection(kind.entry, collection):
                 raise UnexpectedStatusCode("MKCOL", collection, kind.entry, status, (201, 405))
             if len(_known_collections) >= _MAX_KNOWN_COLLECTIONS:
                 # Dated directories would make it grow for ever; forgetting
@@ -1882,6 +1890,25 @@ class DefaultTransport:
                 _known_collections.clear()
             _known_collections.add(collection)
         _collection_hosts.add(kind.origin)
+
+    def _is_collection(self, host, url):
+        """PROPFIND ``url`` (Depth 0): True when the host says it is a collection.
+
+        Apache and lighttpd answer 207 and a resourcetype of collection; 404
+        means missing. nginx without dav-ext answers 405 to any PROPFIND:
+        False, but nginx answers a lost MKCOL race with 405, never asking.
+        """
+        headers = {"Depth": "0", "Content-Type": "application/xml; charset=utf-8",
+                   "Content-Length": str(len(_PROPFIND_RESOURCETYPE))}
+        answer = self._request("PROPFIND", url, host, body=_PROPFIND_RESOURCETYPE,
+                               headers=headers, size=len(_PROPFIND_RESOURCETYPE))
+        if answer.status != 207:
+            return False
+        try:
+            multistatus = xml.etree.ElementTree.fromstring(answer.data)
+        except xml.etree.ElementTree.ParseError:
+            return False  # not a WebDAV answer, or one cut at _MAX_ANSWER_BODY
+        return multistatus.find(".//{DAV:}resourcetype/{DAV:}collection") is not None
 
     def delete(self, host, name):
         """DELETE ``name`` on ``host``.

@@ -28,6 +28,7 @@ import textwrap
 import time
 import types
 import warnings
+import xml.etree.ElementTree
 from urllib.parse import quote
 
 import gevent
@@ -1518,7 +1519,77 @@ def test_webdav_mkcol_refused_is_a_clear_error(media_servers, tmp_path):
     assert "needs parent collections" in str(error)
     assert "refuses to create directories" in str(error)
     assert server.files == {}
-    assert server.log == [("PUT", "/media/sub/x.txt", 409), ("MKCOL", "/media/", 403)]
+    # MediaServer knows no PROPFIND (405, as nginx): the refusal stands.
+    assert server.log == [("PUT", "/media/sub/x.txt", 409), ("MKCOL", "/media/", 403),
+                          ("PROPFIND", "/media/", 405)]
+
+
+def canned_answer(status, body=b""):
+    """Return a kept-alive CannedHost answer with ``status`` and ``body``."""
+    return b"HTTP/1.1 %d Status\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body), False
+
+
+def multistatus(resourcetype):
+    """Return a PROPFIND answer's body for /media/sub/ with this resourcetype element."""
+    return (b'<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus xmlns:D="DAV:">'
+            b"<D:response><D:href>/media/sub/</D:href><D:propstat><D:prop>%s</D:prop>"
+            b"<D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response></D:multistatus>"
+            % resourcetype)
+
+
+# A collection as Apache's mod_dav_fs says it (its live properties in their
+# own prefix), as lighttpd says it, and in a default namespace.
+COLLECTION_ANSWERS = {
+    "apache": b'<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus xmlns:D="DAV:">\n'
+              b'<D:response xmlns:lp2="http://apache.org/dav/props/" xmlns:lp1="DAV:">\n'
+              b"<D:href>/media/sub/</D:href>\n<D:propstat>\n<D:prop>\n"
+              b"<lp1:resourcetype><D:collection/></lp1:resourcetype>\n</D:prop>\n"
+              b"<D:status>HTTP/1.1 200 OK</D:status>\n</D:propstat>\n</D:response>\n"
+              b"</D:multistatus>\n",
+    "lighttpd": multistatus(b"<D:resourcetype><D:collection/></D:resourcetype>"),
+    "default-namespace": b'<multistatus xmlns="DAV:"><response><href>/media/sub/</href>'
+                         b"<propstat><prop><resourcetype><collection></collection>"
+                         b"</resourcetype></prop><status>HTTP/1.1 200 OK</status></propstat>"
+                         b"</response></multistatus>",
+}
+
+
+@pytest.mark.parametrize("answer", list(COLLECTION_ANSWERS.values()),
+                         ids=list(COLLECTION_ANSWERS))
+def test_webdav_mkcol_race_lost_to_a_collection_made_meanwhile(answer, canned_host):
+    # Issue 12: Apache answers 403 to a MKCOL whose collection a concurrent
+    # request has just made. A PROPFIND finds it there: the save goes on.
+    host = canned_host(canned_answer(409), canned_answer(201), canned_answer(403),
+                       canned_answer(207, answer), canned_answer(201), canned_answer(201))
+    transport = one_attempt_transport()
+    assert transport.create(host.address, "sub/x.txt", b"x") is True
+    # Found is as good as made: the next save into it is a bare PUT.
+    assert transport.create(host.address, "sub/y.txt", b"y") is True
+    assert [head.split(b"\r\n")[0] for head, _ in host.requests] == [
+        b"PUT /media/sub/x.txt HTTP/1.1", b"MKCOL /media/ HTTP/1.1",
+        b"MKCOL /media/sub/ HTTP/1.1", b"PROPFIND /media/sub/ HTTP/1.1",
+        b"PUT /media/sub/x.txt HTTP/1.1", b"PUT /media/sub/y.txt HTTP/1.1"]
+    head, body = host.requests[3]
+    assert b"\r\nDepth: 0\r\n" in head
+    asked = xml.etree.ElementTree.fromstring(body)
+    assert [prop.tag for prop in asked.find("{DAV:}prop")] == ["{DAV:}resourcetype"]
+
+
+@pytest.mark.parametrize("answer", [
+    canned_answer(404),
+    canned_answer(405),  # no PROPFIND here (nginx without dav-ext)
+    canned_answer(207, multistatus(b"<D:resourcetype/>")),  # a file, not a collection
+    canned_answer(207, b"<html>Multi-Status</html"),  # not XML
+], ids=["missing", "no-propfind", "not-a-collection", "not-xml"])
+def test_webdav_mkcol_refused_and_no_collection_there_is_an_error(answer, canned_host):
+    host = canned_host(canned_answer(409), canned_answer(201), canned_answer(403), answer)
+    with pytest.raises(UnexpectedStatusCode) as info:
+        one_attempt_transport().create(host.address, "sub/x.txt", b"x")
+    error = info.value
+    assert (error.method, error.status) == ("PUT", 409)
+    assert "MKCOL http://%s/media/sub/ answered 403" % host.address in str(error)
+    assert "refuses to create directories" in str(error)
+    assert len(host.requests) == 4  # no second PUT
 
 
 @pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
@@ -1548,6 +1619,53 @@ def test_webdav_servers_get_parent_collections(storage_class, webdav_hosts, tmp_
         assert mkcols == [("/media/", "201"), ("/media/new%20dir/", "201"),
                           ("/media/new%20dir/caf%C3%A9/", "201"),
                           ("/media/new%20dir/other/", "201")]
+
+
+def test_webdav_servers_concurrent_saves_into_new_directories(webdav_hosts):
+    # Issue 12: Apache answers 403 to the MKCOL that loses a race to make a
+    # collection (before the fix, half of these rounds failed). Each round,
+    # 20 saves at once into a new directory and ten new subdirectories shared
+    # by pairs, the process's memory of collections forgotten, so that every
+    # save races for every collection. One host: 20 connections stay within
+    # the session's Apache (16 threads).
+    host = webdav_hosts.hosts[0]
+    storage = DistributedStorage(hosts=[host])
+    written = {}
+    for round_number in range(10):
+        django_resto_gevent._known_collections.clear()
+        django_resto_gevent._collection_hosts.clear()
+        names = ["round%d/pair%d/%d.txt" % (round_number, index // 2, index)
+                 for index in range(20)]
+        saves = [gevent.spawn(storage.save, name, ContentFile(name.encode() * 50))
+                 for name in names]
+        gevent.joinall(saves, timeout=60)
+        failures = [(name, save.exception) for name, save in zip(names, saves, strict=True)
+                    if not save.successful()]
+        assert failures == [], "round %d" % round_number
+        assert [save.value for save in saves] == names
+        written.update((name, name.encode() * 50) for name in names)
+    for name, data in written.items():
+        with open(webdav_hosts.path(0, name), "rb") as stored:
+            assert stored.read() == data, name
+    # Every MKCOL that lost its race was followed by a PROPFIND that found it.
+    statuses = [(method, status) for method, _, status, _ in webdav_hosts.requests(0)
+                if method in ("MKCOL", "PROPFIND")]
+    assert {status for method, status in statuses if method == "MKCOL"} <= {"201", "403", "405"}
+    lost = statuses.count(("MKCOL", "403"))
+    assert [entry for entry in statuses if entry[0] == "PROPFIND"] == [("PROPFIND", "207")] * lost
+
+
+def test_webdav_servers_say_which_urls_are_collections(webdav_hosts):
+    # What the lost-race check asks (PROPFIND, Depth 0) and what each
+    # server answers: nginx without dav-ext knows no PROPFIND (405), but
+    # answers a lost MKCOL race with 405 itself, so never needs to be asked.
+    transport = one_attempt_transport()
+    host = webdav_hosts.hosts[0]
+    transport.create(host, "d/f.txt", b"f")
+    answers = {path: transport._is_collection(host, transport.url(host, path))
+               for path in ("d/", "missing/", "d/f.txt")}
+    knows_propfind = webdav_hosts.name != "nginx"
+    assert answers == {"d/": knows_propfind, "missing/": False, "d/f.txt": False}
 
 
 ###############################################################################
