@@ -54,16 +54,19 @@ __all__ = [
 import argparse
 import atexit
 import base64
+import codecs
 import concurrent.futures
 import contextlib
 import contextvars
 import datetime
+import email.utils
 import errno
 import functools
 import hashlib
 import hmac
 import inspect
 import io
+import json
 import logging
 import mimetypes
 import os
@@ -83,6 +86,7 @@ import time
 import warnings
 import weakref
 import xml.etree.ElementTree
+import xml.sax.saxutils
 from collections import namedtuple
 from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit, urlunsplit
 
@@ -975,6 +979,10 @@ _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
 _HEAD_END = re.compile(rb"\n\r?\n")
 
 
+# The answers whose body streams to a sink when the request has one: a file
+# (GET) or a listing (GET, PROPFIND's 207 Multi-Status), of any length.
+_STREAMED_STATUSES = (200, 207)
+
 # The headers that decide where an answer ends, or whether its connection lives.
 _FRAMING_FIELDS = frozenset(("content-length", "transfer-encoding", "connection"))
 
@@ -1195,8 +1203,9 @@ class _AnswerReader:
     def read(self, method, sink=None):
         """Return the _Answer to a request of ``method``, skipping interim (1xx) answers.
 
-        The body of a 200 answer to GET goes to ``sink`` when there is one;
-        any other is kept, up to _MAX_ANSWER_BODY.
+        The body of a 200 answer (GET) or a 207 (PROPFIND) goes to ``sink``
+        when there is one; any other is kept, up to _MAX_ANSWER_BODY. A sink
+        whose ``write()`` returns False cuts the body there.
         """
         for _interim in range(_MAX_INTERIM_ANSWERS + 1):
             lines = self._lines("answer head")
@@ -1217,7 +1226,7 @@ class _AnswerReader:
         else:
             raise _AnswerError("more than %d interim (1xx) answers" % _MAX_INTERIM_ANSWERS)
         keep_alive = status_line.group(2) != "0" and not close
-        streamed = sink is not None and method == "GET" and status == 200
+        streamed = sink is not None and status in _STREAMED_STATUSES
         body = (sink if isinstance(sink, _Sink) else _Sink(sink)) if streamed else _KeptBody()
         if method == "HEAD" or status in (204, 304):
             complete = True  # no body, whatever Content-Length says
@@ -1338,6 +1347,446 @@ def _exchange(pool, host, method, path, body, headers, size, idle_timeout, deadl
 # entry, built once by each transport: the URL of a file, what authenticates a
 # request, and what a status means. The transport sends the requests.
 
+# --- Host kinds: directory listings ------------------------------------------
+
+# sync and DistributedStorage.listdir() read a whole directory of a host in
+# one request, or a few pages of one: WebDAV PROPFIND with Depth 1 (Apache,
+# lighttpd, nginx with the dav-ext module), a JSON listing (nginx's
+# "autoindex_format json", the SeaweedFS filer), or S3 ListObjectsV2. A host
+# kind describes the request and gives a parser that reads the answer as it
+# streams in (a listing may be far larger than a kept body); the transport
+# sends it.
+
+
+class _Entry(namedtuple("_Entry", "name is_dir size mtime md5")):
+    """One entry of a directory listing: a file or a directory.
+
+    ``name`` is one path segment, decoded; ``size`` is the file's bytes (None
+    for a directory, or when the host did not say); ``mtime`` is seconds since
+    the epoch, or None; ``md5`` is the hex MD5 of the content where the host
+    gives one (the filer, an S3 object uploaded in one part), else None.
+    """
+
+    __slots__ = ()
+
+
+class _ListRequest(namedtuple("_ListRequest",
+                              "method url headers body status missing parser")):
+    """The request that lists one page of a directory: the status of a listing, those
+    that mean "no such directory", and the parser its body streams to."""
+
+    __slots__ = ()
+
+
+class _ListingError(RestoError):
+    """A listing whose body is not what its kind of host sends."""
+
+
+class _CannotList(RestoError):
+    """A host that answers no kind of listing: sync checks it file by file."""
+
+
+# A host could send a listing without end: a directory of more entries than
+# this is refused (sync and listdir() hold one directory at a time).
+_MAX_LISTING_ENTRIES = 2000000
+
+# One entry of a JSON listing, or one page of the SeaweedFS filer's: more is a
+# broken host, not a reason to use more memory.
+_MAX_JSON_ITEM = 64 * 1024
+_MAX_JSON_PAGE = 64 * 1024 * 1024
+
+
+def _http_date(text):
+    """Return the seconds since the epoch of an HTTP date (RFC 9110 5.6.7), or None."""
+    if not text:
+        return None
+    try:
+        moment = email.utils.parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)  # "-0000": UTC, RFC 5322 3.3
+    return moment.timestamp()
+
+
+def _iso_date(text):
+    """Return the seconds since the epoch of an ISO 8601 date-time (S3, the filer), or None."""
+    if not text:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+def _segment(path, directory):
+    """Return the name of ``path`` directly under ``directory`` (both decoded), or None.
+
+    ``directory`` ends with "/". The directory itself, anything outside it
+    or deeper in it, and "." or ".." give None: a listing never names a
+    file elsewhere.
+    """
+    if not path.startswith(directory):
+        return None
+    name = path[len(directory):]
+    if name.endswith("/"):
+        name = name[:-1]
+    if not name or "/" in name or name in (".", "..") or _CONTROL_CHARACTER.search(name):
+        return None
+    return name
+
+
+class _ListingParser:
+    """Read a listing as its bytes arrive: a sink of _AnswerReader.
+
+    ``close()`` returns ``(entries, next_page)``: the entries of this page
+    and what asks for the next one (None on the last page).
+    """
+
+    def __init__(self):
+        self.written = 0
+        self.entries = []
+        self.next_page = None
+        self.error = None
+
+    def write(self, data):
+        """Parse ``data``; return False (stop reading) once the listing is known bad.
+
+        The error is kept for ``close()``, so that the transport tells a bad
+        listing from a failed request.
+        """
+        self.written += len(data)
+        if self.error is None:
+            try:
+                self._feed(data)
+                if len(self.entries) > _MAX_LISTING_ENTRIES:
+                    raise _ListingError("a directory of more than %d entries"
+                                        % _MAX_LISTING_ENTRIES)
+            except _ListingError as error:
+                self.error = error
+        return self.error is None
+
+    def _feed(self, data):
+        raise NotImplementedError
+
+    def close(self):
+        """Return ``(entries, next_page)`` once the whole body was written; raise
+        _ListingError for a listing that is not one."""
+        if self.error is None:
+            self._finish()
+        if self.error is not None:
+            raise self.error
+        return self.entries, self.next_page
+
+    def _finish(self):
+        raise NotImplementedError
+
+
+class _XMLListingParser(_ListingParser):
+    """Parse an XML listing incrementally: one ``record`` element at a time.
+
+    Each finished element whose local name is in ``records`` is handed to
+    ``_record()`` and dropped, so memory holds the entries, not the tree.
+    """
+
+    records = ()
+
+    def __init__(self):
+        super().__init__()
+        self._parser = xml.etree.ElementTree.XMLPullParser(events=("start", "end"))
+        self._root = None
+
+    def _feed(self, data):
+        try:
+            self._parser.feed(data)
+            self._drain()
+        except xml.etree.ElementTree.ParseError as error:
+            raise _ListingError("not a well-formed XML listing (%s)" % error) from None
+
+    def _drain(self):
+        for event, element in self._parser.read_events():
+            if event == "start":
+                if self._root is None:
+                    self._root = element
+                continue
+            local = element.tag.rpartition("}")[2]
+            if local in self.records:
+                self._record(local, element)
+                element.clear()
+                if self._root is not None and element in self._root:
+                    self._root.remove(element)
+            elif element is self._root:
+                self._top(element)
+
+    def _finish(self):
+        try:
+            self._parser.close()
+            self._drain()
+        except xml.etree.ElementTree.ParseError as error:
+            raise _ListingError("not a well-formed XML listing (%s)" % error) from None
+        if self._root is None:
+            raise _ListingError("an empty listing")
+
+    def _record(self, local, element):
+        raise NotImplementedError
+
+    def _top(self, root):
+        """Read what the root element says once all records are read (paging)."""
+
+
+def _local_children(element):
+    """Return {local name: element} of the direct children of ``element``."""
+    return {child.tag.rpartition("}")[2]: child for child in element}
+
+
+class _WebDAVListingParser(_XMLListingParser):
+    """Parse a 207 Multi-Status answer to PROPFIND with Depth 1 (RFC 4918 14.16).
+
+    Each ``response`` names one resource by its ``href`` (an absolute URL or
+    path, percent-encoded); its properties come from the ``propstat`` whose
+    status is 200. The listed collection itself, and any href not directly
+    under it, are left out.
+    """
+
+    records = ("response",)
+
+    def __init__(self, directory):
+        super().__init__()
+        self._directory = directory  # the decoded path, ending with "/"
+
+    def _record(self, local, response):
+        if response.tag != "{DAV:}response":
+            return
+        href = response.findtext("{DAV:}href")
+        if not href:
+            return
+        try:
+            path = unquote(urlsplit(href.strip()).path, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            return  # not a name a storage could have written
+        name = _segment(path, self._directory)
+        if name is None:
+            return
+        props = {}
+        for propstat in response.iterfind("{DAV:}propstat"):
+            status = (propstat.findtext("{DAV:}status") or "").split()
+            if len(status) > 1 and status[1] == "200":
+                prop = propstat.find("{DAV:}prop")
+                if prop is not None:
+                    props.update((child.tag, child) for child in prop)
+        kind = props.get("{DAV:}resourcetype")
+        is_dir = kind is not None and kind.find("{DAV:}collection") is not None
+        length = props.get("{DAV:}getcontentlength")
+        size = None
+        if not is_dir and length is not None and (length.text or "").strip().isdigit():
+            size = int(length.text.strip())
+        modified = props.get("{DAV:}getlastmodified")
+        mtime = _http_date(modified.text) if modified is not None else None
+        self.entries.append(_Entry(name, is_dir, size, mtime, None))
+
+
+# The properties a listing asks for (RFC 4918 section 9.1).
+_PROPFIND_LISTING = (b'<?xml version="1.0" encoding="utf-8"?>\n'
+                     b'<propfind xmlns="DAV:"><prop><resourcetype/><getcontentlength/>'
+                     b'<getlastmodified/></prop></propfind>\n')
+
+
+class _S3ListingParser(_XMLListingParser):
+    """Parse a ListObjectsV2 answer (ListBucketResult), asked with delimiter "/".
+
+    ``Contents`` are the files under ``prefix`` (their key less the
+    prefix), ``CommonPrefixes`` its directories; an object whose key is the
+    prefix itself (a "directory marker") is left out. The ETag of an object
+    uploaded in one part is its MD5; a multipart one ("...-N") is not.
+    """
+
+    records = ("Contents", "CommonPrefixes")
+
+    def __init__(self, prefix):
+        super().__init__()
+        self._prefix = prefix
+
+    def _record(self, local, element):
+        fields = _local_children(element)
+        if local == "CommonPrefixes":
+            prefix = fields.get("Prefix")
+            name = _segment("/" + (prefix.text or ""), "/" + self._prefix) \
+                if prefix is not None else None
+            if name is not None:
+                self.entries.append(_Entry(name, True, None, None, None))
+            return
+        key = fields.get("Key")
+        if key is None or key.text is None:
+            return
+        name = _segment("/" + key.text, "/" + self._prefix)
+        if name is None or key.text.endswith("/"):
+            return
+        size_text = fields["Size"].text if "Size" in fields else None
+        size = int(size_text) if size_text and size_text.strip().isdigit() else None
+        mtime = _iso_date(fields["LastModified"].text) if "LastModified" in fields else None
+        etag = (fields["ETag"].text or "").strip().strip('"').lower() if "ETag" in fields \
+            else ""
+        md5 = etag if len(etag) == 32 and all(c in "0123456789abcdef" for c in etag) else None
+        self.entries.append(_Entry(name, False, size, mtime, md5))
+
+    def _top(self, root):
+        fields = _local_children(root)
+        truncated = fields.get("IsTruncated")
+        token = fields.get("NextContinuationToken")
+        if truncated is not None and (truncated.text or "").strip() == "true":
+            if token is None or not token.text:
+                raise _ListingError("a truncated listing without NextContinuationToken")
+            self.next_page = token.text
+
+
+_JSON_DECODER = json.JSONDecoder()
+
+# The filer marks a directory with Go's os.ModeDir in its Mode.
+_FILER_DIRECTORY_MODE = 1 << 31
+
+
+class _JSONListingParser(_ListingParser):
+    """Parse a JSON listing: nginx's autoindex array, or a page of the SeaweedFS filer.
+
+    nginx sends ``[{"name": ..., "type": "file"|"directory", "mtime": HTTP
+    date, "size": n}, ...]``: read one object at a time as the bytes come,
+    each decoded by the standard library's JSON decoder, so memory holds
+    the entries and at most one object's text. The filer sends one object
+    per page, ``{"Entries": [...], "LastFileName": ..., "ShouldDisplayLoadMore":
+    ...}``, kept whole up to _MAX_JSON_PAGE bytes.
+    """
+
+    def __init__(self, directory):
+        super().__init__()
+        self._directory = directory  # the decoded path, ending with "/"
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._text = ""
+        self._position = 0
+        self._shape = None  # "array" (nginx) or "object" (the filer)
+        self._ended = False
+
+    def _feed(self, data):
+        try:
+            self._text += self._decoder.decode(data)
+        except UnicodeDecodeError as error:
+            raise _ListingError("a JSON listing that is not UTF-8 (%s)" % error) from None
+        if self._shape is None:
+            start = self._text.lstrip()
+            if not start:
+                return
+            if start[0] not in "[{":
+                raise _ListingError("not a JSON listing (it starts with %r)" % start[:40])
+            self._shape = "array" if start[0] == "[" else "object"
+            self._position = len(self._text) - len(start) + 1
+        if self._shape == "array":
+            self._items()
+        elif len(self._text) > _MAX_JSON_PAGE:
+            raise _ListingError("a JSON listing page over %d bytes" % _MAX_JSON_PAGE)
+
+    def _items(self):
+        """Decode every whole object of the array the text holds so far."""
+        decoder = _JSON_DECODER
+        text = self._text
+        position = self._position
+        while not self._ended:
+            while position < len(text) and text[position] in " \t\r\n,":
+                position += 1
+            if position == len(text):
+                break
+            if text[position] == "]":
+                self._ended = True
+                position += 1
+                break
+            if text[position] != "{":
+                raise _ListingError("a JSON listing item that is not an object, at %r"
+                                    % text[position:position + 40])
+            try:
+                item, end = decoder.raw_decode(text, position)
+            except json.JSONDecodeError as error:
+                if len(text) - position > _MAX_JSON_ITEM:
+                    raise _ListingError("a JSON listing item over %d bytes, or not JSON "
+                                        "(%s)" % (_MAX_JSON_ITEM, error)) from None
+                break  # the rest of the object is still to come
+            self._nginx_item(item)
+            position = end
+        self._text = text[position:]
+        self._position = 0
+
+    def _nginx_item(self, item):
+        name = item.get("name")
+        kind = item.get("type")
+        if not isinstance(name, str) or kind not in ("file", "directory"):
+            return  # "other" (a socket, a device): nothing to sync
+        name = _segment(self._directory + name, self._directory)
+        if name is None:
+            return
+        size = item.get("size") if kind == "file" else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            size = None
+        mtime = item.get("mtime")
+        self.entries.append(_Entry(name, kind == "directory", size,
+                                   _http_date(mtime) if isinstance(mtime, str) else None,
+                                   None))
+
+    def _finish(self):
+        self._feed(b"")
+        try:
+            self._text += self._decoder.decode(b"", final=True)
+        except UnicodeDecodeError as error:
+            raise _ListingError("a JSON listing that is not UTF-8 (%s)" % error) from None
+        if self._shape == "array":
+            self._items()
+            if not self._ended or self._text.strip():
+                raise _ListingError("a JSON listing that ends before its closing ']'")
+            return
+        if self._shape is None:
+            raise _ListingError("an empty listing")
+        try:
+            page = json.loads("{" + self._text[self._position:])
+        except json.JSONDecodeError as error:
+            raise _ListingError("not a JSON listing (%s)" % error) from None
+        self._filer_page(page)
+
+    def _filer_page(self, page):
+        entries = page.get("Entries") if isinstance(page, dict) else None
+        if not isinstance(page, dict) or "Path" not in page:
+            raise _ListingError("a JSON object that is not a SeaweedFS filer listing")
+        for item in entries or ():
+            if not isinstance(item, dict) or not isinstance(item.get("FullPath"), str):
+                continue
+            name = _segment(item["FullPath"], self._directory)
+            if name is None:
+                continue
+            mode = item.get("Mode")
+            is_dir = isinstance(mode, int) and bool(mode & _FILER_DIRECTORY_MODE)
+            size = item.get("FileSize")
+            if is_dir or not isinstance(size, int) or size < 0:
+                size = None
+            md5 = item.get("Md5")
+            try:
+                md5 = base64.b64decode(md5, validate=True).hex() if md5 else None
+            except (TypeError, ValueError):
+                md5 = None
+            if md5 is not None and len(md5) != 32:
+                md5 = None
+            mtime = item.get("Mtime")
+            self.entries.append(_Entry(name, is_dir, size,
+                                       _iso_date(mtime) if isinstance(mtime, str) else None,
+                                       md5))
+        last = page.get("LastFileName")
+        if page.get("ShouldDisplayLoadMore") and isinstance(last, str) and last:
+            self.next_page = last
+
+
+# Entries asked for per page of the filer (nginx ignores the query string).
+_JSON_PAGE_SIZE = 1000
+# Keys asked for per page of ListObjectsV2 (S3's own maximum).
+_S3_PAGE_SIZE = 1000
+
+
 # --- Host kinds: plain HTTP and WebDAV ---------------------------------------
 
 # What a PUT may answer: created, or overwritten.
@@ -1379,12 +1828,21 @@ class _HTTPHost:
     put_statuses = _PUT_STATUSES
     # The path's "." and ".." segments are resolved before sending, as urllib3 does.
     normalize_paths = True
+    # How a directory may be listed, tried in this order until one works.
+    list_dialects = ("webdav", "json")
+    # Whether the ETag of a HEAD answer is the MD5 of the content: not here
+    # (nginx, Apache and lighttpd make theirs from the size and mtime).
+    etag_is_md5 = False
 
     def __init__(self, entry, endpoint, base_path, auth_headers):
         self.entry = entry
         self.origin = "%s://%s" % (endpoint.scheme, endpoint.netloc)
         self._files = self.origin + base_path
         self._auth_headers = auth_headers
+        # The dialect that listed a directory (None: not known yet; False:
+        # none works), and why the others were refused.
+        self.dialect = None
+        self.refused = {}
 
     def url(self, name):
         """Return the URL of ``name`` on this host."""
@@ -1410,6 +1868,27 @@ class _HTTPHost:
     def collections(self, url):
         """Return the collection URLs above ``url``, top down, e.g. ``.../media/a/``."""
         return [self.origin + path for path in _collection_paths(urlsplit(url).path)]
+
+    def list_request(self, directory, dialect, page=None):
+        """Return the _ListRequest of a page of ``directory`` ("" the top, "a/b" below).
+
+        "webdav": PROPFIND with Depth 1, answered 207. "json": GET of the
+        directory's URL with ``Accept: application/json``, answered 200 by
+        nginx's JSON autoindex (which ignores the query) and by the filer,
+        which pages with ``limit`` and ``lastFileName``.
+        """
+        url = self._files + (quote(directory, safe="/") + "/" if directory else "")
+        path = unquote(urlsplit(url).path)
+        if dialect == "webdav":
+            headers = {"Depth": "1", "Content-Type": "application/xml; charset=utf-8",
+                       "Content-Length": str(len(_PROPFIND_LISTING))}
+            return _ListRequest("PROPFIND", url, headers, _PROPFIND_LISTING, 207, (404, 410),
+                                _WebDAVListingParser(path))
+        query = "?limit=%d" % _JSON_PAGE_SIZE
+        if page is not None:
+            query += "&lastFileName=" + quote(page, safe="")
+        return _ListRequest("GET", url + query, {"Accept": "application/json"}, None, 200,
+                            (404, 410), _JSONListingParser(path))
 
 
 # --- Host kinds: S3 ----------------------------------------------------------
@@ -1588,6 +2067,10 @@ class _S3Host:
     put_statuses = (200,)
     normalize_paths = False
     needs_collections = False
+    list_dialects = ("s3",)
+    # The ETag of an object uploaded in one part is its MD5 (a multipart
+    # one's ends with "-N" and is not).
+    etag_is_md5 = True
 
     def __init__(self, entry, endpoint, base_path, credentials, region):
         self.entry = entry
@@ -1595,6 +2078,10 @@ class _S3Host:
         prefix = base_path.lstrip("/") if endpoint.prefix is None else endpoint.prefix
         self._files = "%s/%s/%s" % (self.origin, quote(endpoint.bucket, safe=_PATH_SAFE),
                                     quote(prefix, safe=_PATH_SAFE))
+        self._bucket_url = "%s/%s" % (self.origin, quote(endpoint.bucket, safe=_PATH_SAFE))
+        self._prefix = unquote(prefix)  # keys are listed decoded
+        self.dialect = None
+        self.refused = {}
         self._credentials = credentials
         self._region = endpoint.region or region
 
@@ -1628,6 +2115,19 @@ class _S3Host:
     def collections(self, url):
         """Return no collections: an object store has none."""
         return []
+
+    def list_request(self, directory, dialect, page=None):
+        """Return the _ListRequest of a page of ``directory``: ListObjectsV2 with
+        delimiter "/" under the directory's key prefix, continued by ``page``."""
+        prefix = self._prefix + (directory + "/" if directory else "")
+        query = [("list-type", "2"), ("delimiter", "/"), ("max-keys", str(_S3_PAGE_SIZE)),
+                 ("prefix", prefix)]
+        if page is not None:
+            query.append(("continuation-token", page))
+        url = "%s?%s" % (self._bucket_url,
+                         "&".join("%s=%s" % (key, quote(value, safe="")) for key, value in query))
+        # A prefix with no keys is an empty listing: a 404 is a missing bucket.
+        return _ListRequest("GET", url, {}, None, 200, (), _S3ListingParser(prefix))
 
 
 ###############################################################################
@@ -1664,6 +2164,24 @@ class _Discard:
     def write(self, data):
         """Drop ``data``; return its length."""
         return len(data)
+
+
+class _ListingRefused(Exception):
+    """A host refused a dialect of listing, or answered it with something else."""
+
+
+# What a host that does not list in a dialect answers: method not allowed or
+# not implemented (no WebDAV), forbidden (nginx with autoindex off), not
+# acceptable, a bad request.
+_LIST_REFUSALS = frozenset((400, 403, 405, 406, 415, 501))
+
+def _entry_name(entry):
+    """Return the name of an _Entry: listings are sorted by it."""
+    return entry.name
+
+
+# An MD5 in hex, as an ETag may be.
+_MD5_HEX = re.compile("[0-9a-f]{32}")
 
 
 def _not_found(name, host):
@@ -1798,15 +2316,106 @@ class DefaultTransport:
         for an empty file): the size is then counted from a GET, in constant
         memory. Raises ``FileNotFoundError`` on 404 or 410.
         """
-        url = self.url(host, name)
+        return self.stat(host, name).size
+
+    def stat(self, host, name):
+        """HEAD ``name`` on ``host``; return its _Entry: size, Last-Modified and, where
+        the host's ETag is one (S3), the MD5.
+
+        The size is counted from a GET when the HEAD answer has no
+        Content-Length (see ``size()``). Raises ``FileNotFoundError`` on 404
+        or 410.
+        """
+        kind = self._host(host)
+        url = kind.url(name)
         response = self._request("HEAD", url, host)
         if response.status in (404, 410):
             raise _not_found(name, host)
         if response.status != 200:
             raise self._unexpected("HEAD", url, host, response.status, (200,))
-        if response.length is not None:
-            return response.length
-        return self.fetch(host, name, _Discard())
+        size = response.length
+        if size is None:
+            size = self.fetch(host, name, _Discard())
+        md5 = None
+        if kind.etag_is_md5:
+            etag = response.headers.get("etag", "").strip('"').lower()
+            md5 = etag if _MD5_HEX.fullmatch(etag) else None
+        return _Entry(name.rpartition("/")[2], False, size,
+                      _http_date(response.headers.get("last-modified")), md5)
+
+    def list(self, host, directory):
+        """List ``directory`` ("" for the top, "a/b" below it) on ``host``.
+
+        Returns its _Entry list, sorted by name, all pages read. The first
+        listing of a host finds its dialect (the host kind's, in order: a
+        refusal such as 405 or 403, or an answer that is not a listing, moves
+        on to the next) and keeps it. Raises FileNotFoundError when the host
+        has no such directory, _CannotList when it answers no dialect,
+        _ListingError for a listing that breaks its format, and
+        UnexpectedStatusCode or TransportError as the other operations do.
+        """
+        kind = self._host(host)
+        for dialect in (kind.dialect,) if kind.dialect else kind.list_dialects:
+            if dialect is False:
+                break
+            if dialect in kind.refused:
+                continue
+            try:
+                entries = self._list_pages(kind, directory, dialect)
+            except _ListingRefused as refused:
+                kind.refused[dialect] = str(refused)
+                continue
+            kind.dialect = dialect
+            return entries
+        kind.dialect = False
+        raise _CannotList(
+            "%s cannot list directories (%s): sync checks it file by file with HEAD and "
+            "cannot find orphans there. Allow PROPFIND (Apache: Dav On; lighttpd: "
+            "webdav.activate; nginx: the dav-ext module), or give nginx 'autoindex on; "
+            "autoindex_format json;' on the media location."
+            % (host, "; ".join(kind.refused.values()) or "no way to list is known"))
+
+    def _list_pages(self, kind, directory, dialect):
+        """Return the sorted entries of every page of ``directory`` in ``dialect``.
+
+        Raises _ListingRefused when the host answers that dialect with a
+        refusal or with something that is not a listing, and has not listed
+        in it before.
+        """
+        known = kind.dialect == dialect
+        entries = []
+        page = None
+        for _page in range(_MAX_LISTING_ENTRIES + 1):  # each page adds an entry or ends
+            request = kind.list_request(directory, dialect, page)
+            body = request.body
+            answer = self._request(request.method, request.url, kind.entry, body=body,
+                                   headers=request.headers, size=len(body) if body else 0,
+                                   sink=request.parser)
+            if answer.status in request.missing and page is None:
+                raise _not_found(directory or "/", kind.entry)
+            if answer.status != request.status:
+                if not known and answer.status in _LIST_REFUSALS:
+                    raise _ListingRefused("%s %s answered %d" % (
+                        request.method, _redact(request.url), answer.status))
+                raise self._unexpected(request.method, request.url, kind.entry,
+                                       answer.status, (request.status,), answer.data)
+            try:
+                found, page = request.parser.close()
+            except _ListingError as error:
+                if not known:
+                    raise _ListingRefused("%s %s answered %d with %s" % (
+                        request.method, _redact(request.url), answer.status, error)) from None
+                raise _ListingError("%s %s on %s: %s" % (
+                    request.method, _redact(request.url), kind.entry, error)) from None
+            entries.extend(found)
+            if len(entries) > _MAX_LISTING_ENTRIES:
+                raise _ListingError("%s has more than %d entries in %s/"
+                                    % (kind.entry, _MAX_LISTING_ENTRIES, directory))
+            if page is None or not found:
+                break
+            known = True
+        entries.sort(key=_entry_name)
+        return entries
 
     def create(self, host, name, content, size=None):
         """PUT ``content`` (bytes or a binary file) as ``name`` on ``host``.
@@ -2951,6 +3560,12 @@ class MediaServer:
       or answers 405 if it exists, 409 if its own parent is missing.
     - ``require_headers``: a dict of headers (e.g. ``Authorization``) that
       every request must carry, else 401.
+    - ``listing``: answer ``PROPFIND`` with ``Depth: 0`` or ``1`` as a WebDAV
+      server does (207, each resource's type, length and last modification);
+      False answers it 405, as nginx without the dav-ext module does.
+
+    ``mtimes`` (path -> seconds since the epoch) holds when each file was
+    last written; ``HEAD`` and ``GET`` send it as ``Last-Modified``.
 
     It runs on a greenlet where sockets are patched and on a thread of its
     own elsewhere, so it serves while the caller blocks.
@@ -2958,7 +3573,8 @@ class MediaServer:
 
     def __init__(self, root=None, host="127.0.0.1", port=0, read_only=False,
                  status=None, latency=0.0, fail_first=0, hang=False, trickle=0.0,
-                 reset_after=None, require_collections=False, require_headers=None):
+                 reset_after=None, require_collections=False, require_headers=None,
+                 listing=True):
         self.root = None if root is None else os.path.realpath(root)
         self.files = {} if root is None else None
         self.bind_host = host
@@ -2972,8 +3588,10 @@ class MediaServer:
         self.reset_after = reset_after
         self.require_collections = require_collections
         self.require_headers = require_headers
+        self.listing = listing
         # Collections (paths ending with "/") of the in-memory mode.
         self.collections = {"/"}
+        self.mtimes = {}
         self.log = []
         self._server = None
         self._thread = None
@@ -3072,7 +3690,7 @@ class MediaServer:
             self.log.append((method, path, None))
             _reset(environ["resto.socket"])
             return []
-        if method == "PUT":
+        if method in ("PUT", "PROPFIND"):
             body = environ["wsgi.input"].read()
         if self.hang:
             self.log.append((method, path, None))
@@ -3087,12 +3705,18 @@ class MediaServer:
                 for key, value in self.require_headers.items()):
             status, payload = 401, b""
         else:
-            status, payload = self._respond(method, path, body)
+            status, payload = self._respond(method, path, body, environ.get("HTTP_DEPTH"))
         self.log.append((method, path, status))
         reason = _REASONS.get(status, "Status")
         if self.trickle and not payload:
             payload = ("%d %s\n" % (status, reason)).encode() * 4
-        start_response("%d %s" % (status, reason), [("Content-Length", str(len(payload)))])
+        headers = [("Content-Length", str(len(payload)))]
+        if status == 207:
+            headers.append(("Content-Type", 'application/xml; charset="utf-8"'))
+        elif status == 200 and self._mtime(path) is not None:
+            headers.append(("Last-Modified",
+                            email.utils.formatdate(self._mtime(path), usegmt=True)))
+        start_response("%d %s" % (status, reason), headers)
         if method == "HEAD":
             return [b""]
         if self.trickle:
@@ -3117,18 +3741,81 @@ class MediaServer:
             gevent.sleep(self.trickle)
             yield payload[index:index + 1]
 
-    def _respond(self, method, path, body):
+    def _respond(self, method, path, body, depth=None):
         """Return (status, body) for a request, applying the fault knobs."""
         forced = self.status.get(method) if isinstance(self.status, dict) else self.status
         if forced:
             return forced, b""
         if self.read_only and method in ("PUT", "DELETE", "MKCOL"):
             return 403, b""
+        if method == "PROPFIND" and self.listing:
+            if depth not in ("0", "1"):
+                return 403, b""  # Depth infinity, as most servers refuse it
+            resources = self._resources(path, depth == "1")
+            return (404, b"") if resources is None else (207, _multistatus(resources))
         if method not in ("GET", "HEAD", "PUT", "DELETE", "MKCOL"):
             return 405, b""
+        if method in ("GET", "HEAD") and path.endswith("/"):
+            return 403, b""  # no directory listing here, as nginx without autoindex
         if self.files is not None:
             return self._respond_from_memory(method, path, body)
         return self._respond_from_directory(method, path, body)
+
+    def _mtime(self, path):
+        """Return when the file at ``path`` was last written, or None."""
+        if self.files is not None:
+            return self.mtimes.get(path)
+        try:
+            return os.stat(os.path.join(self.root, path.lstrip("/"))).st_mtime
+        except (OSError, ValueError):
+            return None
+
+    def _resources(self, path, children):
+        """Return (path, is_dir, size, mtime) of ``path`` and, with ``children``, of
+        what it holds; None when nothing is there."""
+        if self.files is not None:
+            return self._resources_in_memory(path, children)
+        target = os.path.realpath(os.path.join(self.root, path.lstrip("/")))
+        if "\x00" in path or not (target + os.sep).startswith(self.root + os.sep):
+            return None
+        try:
+            info = os.stat(target)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(info.st_mode):
+            return [(path, False, info.st_size, info.st_mtime)]
+        directory = path if path.endswith("/") else path + "/"
+        found = [(directory, True, None, info.st_mtime)]
+        if children:
+            with os.scandir(target) as scan:
+                for entry in scan:
+                    if entry.name.startswith(".put-"):
+                        continue  # an upload on its way
+                    held = entry.stat()
+                    is_dir = stat.S_ISDIR(held.st_mode)
+                    found.append((directory + entry.name + ("/" if is_dir else ""), is_dir,
+                                  None if is_dir else held.st_size, held.st_mtime))
+        return found
+
+    def _resources_in_memory(self, path, children):
+        """_resources() of the ``files`` dict and its collections."""
+        if path in self.files:
+            return [(path, False, len(self.files[path]), self.mtimes.get(path))]
+        directory = path if path.endswith("/") else path + "/"
+        held = {}
+        for name in list(self.files) + list(self.collections):
+            if name.startswith(directory) and name != directory:
+                child, slash, _ = name[len(directory):].partition("/")
+                held[child] = held.get(child, False) or bool(slash)
+        if directory not in self.collections and not held:
+            return None
+        found = [(directory, True, None, None)]
+        if children:
+            for child, is_dir in sorted(held.items()):
+                name = directory + child
+                found.append((name + "/", True, None, None) if is_dir
+                             else (name, False, len(self.files[name]), self.mtimes.get(name)))
+        return found
 
     def _respond_from_memory(self, method, path, body):
         """Serve from the ``files`` dict."""
@@ -3149,11 +3836,13 @@ class MediaServer:
                 # Like nginx's create_full_put_path: make every parent.
                 self.collections.update(_collection_paths(path))
             self.files[path] = body
+            self.mtimes[path] = time.time()
             return (204 if exists else 201), b""
         if not exists:
             return 404, b""
         if method == "DELETE":
             del self.files[path]
+            self.mtimes.pop(path, None)
             return 204, b""
         return 200, self.files[path]
 
@@ -3188,6 +3877,23 @@ class MediaServer:
             return 200, stored.read()
 
 
+def _multistatus(resources):
+    """Return the 207 body that describes ``resources`` (path, is_dir, size, mtime)."""
+    parts = ['<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus xmlns:D="DAV:">\n']
+    for path, is_dir, size, mtime in resources:
+        props = ["<D:resourcetype>%s</D:resourcetype>" % ("<D:collection/>" if is_dir else "")]
+        if size is not None:
+            props.append("<D:getcontentlength>%d</D:getcontentlength>" % size)
+        if mtime is not None:
+            props.append("<D:getlastmodified>%s</D:getlastmodified>"
+                         % email.utils.formatdate(mtime, usegmt=True))
+        parts.append("<D:response><D:href>%s</D:href><D:propstat><D:prop>%s</D:prop>"
+                     "<D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response>\n"
+                     % (xml.sax.saxutils.escape(quote(path)), "".join(props)))
+    parts.append("</D:multistatus>\n")
+    return "".join(parts).encode("utf-8")
+
+
 class _MediaRequestHandler(gevent.pywsgi.WSGIHandler):
     """gevent's WSGI handler, handing the connection's socket to the application."""
 
@@ -3204,7 +3910,7 @@ def _reset(sock):
 
 
 _REASONS = {
-    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 207: "Multi-Status",
     401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
     409: "Conflict", 410: "Gone", 500: "Internal Server Error", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout",

@@ -1519,9 +1519,9 @@ def test_webdav_mkcol_refused_is_a_clear_error(media_servers, tmp_path):
     assert "needs parent collections" in str(error)
     assert "refuses to create directories" in str(error)
     assert server.files == {}
-    # MediaServer knows no PROPFIND (405, as nginx): the refusal stands.
+    # PROPFIND says /media/ is not there (404): the refusal stands.
     assert server.log == [("PUT", "/media/sub/x.txt", 409), ("MKCOL", "/media/", 403),
-                          ("PROPFIND", "/media/", 405)]
+                          ("PROPFIND", "/media/", 404)]
 
 
 def canned_answer(status, body=b""):
