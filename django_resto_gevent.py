@@ -55,6 +55,7 @@ import argparse
 import atexit
 import base64
 import codecs
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
@@ -552,9 +553,13 @@ def _reason_hint(reason):
     return None
 
 
+# Where urllib3 puts the repr of a connection in front of the reason.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>:? ?")
+
+
 def _with_hint(reason):
     """Return ``reason`` as a sentence, followed by what to do about it if known."""
-    text = str(reason).rstrip() or type(reason).__name__
+    text = _OBJECT_REPR.sub("", str(reason)).rstrip() or type(reason).__name__
     if not text.endswith((".", "!", "?")):
         text += "."
     hint = _reason_hint(reason)
@@ -3969,215 +3974,793 @@ def _selected_hosts(storage, wanted):
     return [host for host in hosts if host in wanted]
 
 
-def _master_files(root, prefix):
-    """Yield ``(name, size)`` of every file of the master copy under ``prefix``, lazily.
-
-    Names use "/" and sort within each directory, so runs are repeatable;
-    only one directory's entries are in memory at a time.
-    """
-    start = os.path.join(root, prefix) if prefix else root
-    if os.path.isfile(start):
-        yield prefix, os.path.getsize(start)
-        return
-    stack = [start]
-    while stack:
-        directory = stack.pop()
-        with os.scandir(directory) as scan:
-            entries = sorted(scan, key=lambda entry: entry.name)
-        subdirectories = []
-        for entry in entries:
+def _master_directory(root, directory):
+    """Return the files (_Entry, sorted) and subdirectory names (sorted) of a master
+    directory ("" the top). Raises OSError when it cannot be read."""
+    files, subdirectories = [], []
+    with os.scandir(os.path.join(root, directory) if directory else root) as scan:
+        for entry in scan:
             if entry.is_dir(follow_symlinks=False):
-                subdirectories.append(entry.path)
+                subdirectories.append(entry.name)
             elif entry.is_file():
-                name = os.path.relpath(entry.path, root).replace(os.sep, "/")
-                yield name, entry.stat().st_size
-        stack.extend(reversed(subdirectories))
+                info = entry.stat()
+                files.append(_Entry(entry.name, False, info.st_size, info.st_mtime, None))
+    files.sort(key=_entry_name)
+    subdirectories.sort()
+    return files, subdirectories
 
 
-# A host that failed this many checks in a row, with no answer at all, is
+def _join(directory, name):
+    """Return the storage name of ``name`` in ``directory`` ("" the top)."""
+    return directory + "/" + name if directory else name
+
+
+# A host that failed this many requests in a row, with no answer at all, is
 # taken as down for the rest of the sync instead of costing a timeout per file.
 _SYNC_DOWN_AFTER = 3
 
 # Failures listed per host at the end; the rest are counted.
 _SYNC_LISTED_FAILURES = 20
 
+# Directories whose listings are asked for ahead of the one being compared:
+# the round trips overlap, and memory holds at most this many directories
+# (and the one being compared).
+_SYNC_LOOKAHEAD = 8
+
+# The progress line starts after this many seconds of work (a short run shows
+# none) and is redrawn at most this often.
+_PROGRESS_AFTER = 1.0
+_PROGRESS_EVERY = 0.2
+
+# A host's modification times are HTTP dates, whole seconds: its copy is
+# older than the master file only when it is older by at least this much.
+_MTIME_RESOLUTION = 1.0
+
+# What sync says it compared, word for word in the summary.
+_COMPARED = "compared by size and modification time; content not compared: use --checksum"
+_COMPARED_CONTENT = ("compared by size, modification time and content (MD5 from the host's "
+                     "listing where it gives one, else downloaded)")
+
+
+def _sentence(parts):
+    """Join ``parts`` with semicolons, the first capitalised."""
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:]
+
+
+def _one_line(error):
+    """Return ``error`` as one clean line: no object reprs, no line breaks."""
+    return " ".join(_OBJECT_REPR.sub("", str(error)).split()) or type(error).__name__
+
 
 class _SyncTally:
     """What sync found and did on one host; updated from greenlets or threads."""
 
+    # Counters, in the order of the summary's columns.
+    counters = ("dirs", "files", "same", "missing", "size", "stale", "content", "orphans",
+                "uploaded", "deleted", "failed")
+
     def __init__(self):
-        self.checked = self.present = self.missing = self.differ = 0
-        self.uploaded = self.failed = 0
+        for counter in self.counters:
+            setattr(self, counter, 0)
+        self.refused = 0  # deletions the guards refused
+        self.refusals = []  # why, once per reason
         self.failures = []
         self.no_answer_in_a_row = 0
         self.down = None  # the error that took the host as down
+        self.cannot_list = None  # why the host is checked file by file
 
     def fail(self, name, error):
-        """Count a file that could not be checked or repaired."""
+        """Count a file or directory that could not be checked or repaired."""
         self.failed += 1
         if len(self.failures) < _SYNC_LISTED_FAILURES:
             self.failures.append((name, error))
 
+    def refuse(self, count, reason):
+        """Count ``count`` deletions not made, and say why once."""
+        self.refused += count
+        if reason not in self.refusals:
+            self.refusals.append(reason)
+
+
+class _MD5Sink:
+    """A binary sink that hashes what it is given (MD5: what hosts report)."""
+
+    def __init__(self):
+        self.digest = hashlib.md5(usedforsecurity=False)
+
+    def write(self, data):
+        """Hash ``data``."""
+        self.digest.update(data)
+        return len(data)
+
+
+def _file_md5(path):
+    """Return the hex MD5 of the file at ``path``, read in blocks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as source:
+        for block in iter(functools.partial(source.read, _BLOCK_SIZE), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _spawn(func, *args):
+    """Start ``func(*args)`` at once: a greenlet where sockets are patched, a thread
+    elsewhere. Returns what ``_result()`` waits for."""
+    if _sockets_patched():
+        return gevent.spawn(func, *args)
+    return _executor("fan-out").submit(func, *args)
+
+
+def _result(started):
+    """Wait for what ``_spawn()`` started and return its value (never raising: the
+    functions given to it catch their own errors)."""
+    return started.get() if isinstance(started, gevent.Greenlet) else started.result()
+
 
 class _Sync:
-    """Repair media hosts from the master copy of a Hybrid or Async storage."""
+    """Compare media hosts directory by directory, and repair them.
 
-    def __init__(self, storage, hosts, prefix, dry_run, concurrency, out, err):
+    The work is a stream of jobs (one upload, deletion or content check)
+    produced by walking the tree once and run ``concurrency`` at a time:
+    the walk lists each directory on every host while the jobs of the
+    directories before it run. Subclasses say where the truth is: the master
+    copy (_MasterSync), or the newest copy among the hosts (_Heal).
+    """
+
+    def __init__(self, storage, hosts, prefix, options, out, err):
+        self.storage = storage
         self.transport = storage.transport
-        self.root = storage.location
         self.hosts = hosts
         self.prefix = prefix
-        self.dry_run = dry_run
-        self.concurrency = concurrency
+        self.dry_run = options.dry_run
+        self.checksum = options.checksum
+        self.concurrency = options.concurrency
         self.out = out
         self.err = err
         self.tallies = {host: _SyncTally() for host in hosts}
         self.lock = threading.Lock()
         self.files = 0
-        self.total = None
         self.started = time.monotonic()
         self.shown = 0.0
+        self.interactive = err.isatty()
 
     def run(self):
-        """Check and repair every file on every host; return the exit status."""
-        interactive = self.err.isatty()
-        if interactive:
-            # The total, for the ETA: one more walk, in constant memory.
-            self.total = sum(1 for _ in _master_files(self.root, self.prefix))
-        _run_bounded(self._repair, self._pairs(), self.concurrency)
-        if interactive:
+        """Walk, compare and repair; print the summary; return the exit status."""
+        _run_bounded(self._run_job, self._jobs(), self.concurrency)
+        if self.interactive and self.shown:
             self._progress(final=True)
         self._summary()
-        incomplete = any(tally.failed or (self.dry_run and tally.missing + tally.differ)
-                         for tally in self.tallies.values())
-        return 1 if incomplete else 0
+        return 1 if self._incomplete() else 0
 
-    def _pairs(self):
-        """Yield ``(name, size, host)`` for every file and host, file by file."""
-        for name, size in _master_files(self.root, self.prefix):
-            with self.lock:
-                self.files += 1
-            for host in self.hosts:
-                yield name, size, host
-
-    def _repair(self, item):
-        """Check one file on one host; upload it when missing or different."""
-        name, size, host = item
+    def _run_job(self, job):
+        """Run one job ``(func, host, name, *args)``; record a failure on its host."""
+        func, host, name = job[:3]
         tally = self.tallies[host]
         try:
-            self._check_and_upload(name, size, host, tally)
+            if tally.down is not None:
+                raise RestoError("not tried: %s was taken as down (%s)"
+                                 % (host, _one_line(tally.down)))
+            func(host, name, *job[3:])
         except Exception as error:
+            self._failed(host, name, error)
+        else:
             with self.lock:
-                tally.fail(name, error)
-                if isinstance(error, TransportError):
-                    tally.no_answer_in_a_row += 1
-                    if tally.no_answer_in_a_row >= _SYNC_DOWN_AFTER and tally.down is None:
-                        tally.down = error
-                else:
-                    tally.no_answer_in_a_row = 0
-        if self.err.isatty() and time.monotonic() - self.shown > 0.2:
-            self._progress()
+                tally.no_answer_in_a_row = 0
+        self._maybe_progress()
 
-    def _check_and_upload(self, name, size, host, tally):
-        """HEAD ``name`` on ``host`` and PUT the master copy unless it matches."""
-        if tally.down is not None:
-            raise RestoError("not tried: %s was taken as down after %d failures in a "
-                             "row (%s)" % (host, _SYNC_DOWN_AFTER, tally.down))
+    def _failed(self, host, name, error):
+        """Count a failure on ``host``; after _SYNC_DOWN_AFTER without answer, it is down."""
+        tally = self.tallies[host]
+        with self.lock:
+            tally.fail(name, error)
+            if isinstance(error, TransportError):
+                tally.no_answer_in_a_row += 1
+                if tally.no_answer_in_a_row >= _SYNC_DOWN_AFTER and tally.down is None:
+                    tally.down = error
+            elif not isinstance(error, RestoError) or not str(error).startswith("not tried"):
+                tally.no_answer_in_a_row = 0
+
+    def _list(self, host, directory):
+        """List ``directory`` on ``host``: its entries, [] when missing, or the error."""
+        tally = self.tallies[host]
+        if tally.down is not None or tally.cannot_list is not None:
+            return None
         try:
-            remote = self.transport.size(host, name)
+            entries = self.transport.list(host, directory)
         except FileNotFoundError:
-            remote = None
+            entries = []
+        except _CannotList as error:
+            with self.lock:
+                tally.cannot_list = error
+            return None
+        except Exception as error:
+            return error
         with self.lock:
-            tally.checked += 1
+            tally.dirs += 1
             tally.no_answer_in_a_row = 0
-            if remote == size:
-                tally.present += 1
-                return
-            if remote is None:
-                tally.missing += 1
-            else:
-                tally.differ += 1
-        if self.dry_run:
+        return entries
+
+    def _listings(self, directories):
+        """Yield ``(directory, item, listings)`` for ``(directory, item)`` pairs, with
+        each directory's listings (host -> entries, None or error) asked for up to
+        _SYNC_LOOKAHEAD directories ahead."""
+        window = collections.deque()
+        for directory, item in directories:
+            window.append((directory, item, [] if isinstance(item, Exception) else
+                           [(host, _spawn(self._list, host, directory)) for host in self.hosts]))
+            if len(window) > _SYNC_LOOKAHEAD:
+                yield self._listed(window.popleft())
+        while window:
+            yield self._listed(window.popleft())
+
+    def _listed(self, pending):
+        """Wait for one directory's listings; count a failed one on its host."""
+        directory, item, started = pending
+        listings = {}
+        for host, listing in started:
+            listing = _result(listing)
+            if isinstance(listing, Exception):
+                self._failed(host, (directory or ".") + "/", listing)
+                listing = None
+            listings[host] = listing
+        self._maybe_progress()
+        return directory, item, listings
+
+    def _maybe_progress(self):
+        """Redraw the progress line when it is time (terminals only)."""
+        if not self.interactive:
             return
-        with open(os.path.join(self.root, name), "rb") as local_file:
-            self.transport.put(host, name, local_file, size)
-        with self.lock:
-            tally.uploaded += 1
+        now = time.monotonic()
+        if now - self.started >= _PROGRESS_AFTER and now - self.shown >= _PROGRESS_EVERY:
+            self._progress()
 
     def _progress(self, final=False):
         """Show one line of progress on the terminal."""
         self.shown = now = time.monotonic()
         with self.lock:
-            checked = sum(tally.checked + tally.failed for tally in self.tallies.values())
-            uploaded = sum(tally.uploaded for tally in self.tallies.values())
-            failed = sum(tally.failed for tally in self.tallies.values())
-        rate = checked / max(now - self.started, 1e-6)
-        line = "%d/%s checks, %d uploaded, %d failed, %.0f/s" % (
-            checked, "?" if self.total is None else self.total * len(self.hosts), uploaded,
-            failed, rate)
-        if self.total is not None and rate > 0 and not final:
-            line += ", ETA %.0f s" % max(0.0, (self.total * len(self.hosts) - checked) / rate)
+            totals = {counter: sum(getattr(tally, counter) for tally in self.tallies.values())
+                      for counter in ("dirs", "files", "uploaded", "deleted", "failed")}
+        rate = totals["files"] / max(now - self.started, 1e-6)
+        line = ("%(dirs)d directories listed, %(files)d files compared, %(uploaded)d uploaded, "
+                "%(deleted)d deleted, %(failed)d failed" % totals) + ", %.0f files/s" % rate
         self.err.write("\r" + line.ljust(78) + ("\n" if final else ""))
         self.err.flush()
 
+    def _incomplete(self):
+        """Tell whether the hosts may still differ from what they should hold."""
+        return any(tally.failed or tally.down is not None or tally.refused
+                   or (self.dry_run and self._needed(tally)) or self._left(tally)
+                   for tally in self.tallies.values())
+
+    def _needed(self, tally):
+        """Return how many repairs ``tally`` found (uploads, and deletions when asked)."""
+        return tally.missing + tally.size + tally.stale + tally.content
+
+    def _left(self, tally):
+        """Return how many differences a real run leaves by design (orphans kept)."""
+        return 0
+
     def _summary(self):
-        """Print the per-host table and the failures."""
+        """Print the per-host table, the notes and failures, and the final line."""
         out = self.out
-        elapsed = time.monotonic() - self.started
-        upload_column = "to upload" if self.dry_run else "uploaded"
         width = max([len("host")] + [len(host) for host in self.hosts])
-        columns = ("checked", "present", "missing", "differ", upload_column, "failed")
-        out.write("%-*s  %s\n" % (width, "host", "  ".join("%9s" % c for c in columns)))
+        columns = self._columns()
+        out.write("%-*s %s\n" % (width, "host", " ".join("%9s" % title for title, _ in columns)))
         for host, tally in self.tallies.items():
-            uploads = tally.missing + tally.differ if self.dry_run else tally.uploaded
-            figures = (tally.checked, tally.present, tally.missing, tally.differ, uploads,
-                       tally.failed)
-            out.write("%-*s  %s\n" % (width, host, "  ".join("%9d" % f for f in figures)))
+            out.write("%-*s %s\n" % (width, host, " ".join(
+                "%9s" % ("HEAD" if counter == "dirs" and tally.cannot_list else
+                         getattr(tally, counter) if isinstance(counter, str)
+                         else counter(tally)) for _, counter in columns)))
+        for host, tally in self.tallies.items():
+            for line in self._notes(host, tally):
+                out.write(line + "\n")
         for host, tally in self.tallies.items():
             for name, error in tally.failures:
-                out.write("FAILED %s on %s: %s\n" % (name, host, error))
+                out.write("FAILED %s on %s: %s\n" % (name, host, _one_line(error)))
             if tally.failed > len(tally.failures):
                 out.write("... and %d more failures on %s\n"
                           % (tally.failed - len(tally.failures), host))
-        failed = sum(tally.failed for tally in self.tallies.values())
-        needed = sum(tally.missing + tally.differ for tally in self.tallies.values())
-        if failed:
-            outcome = "%d could not be checked or repaired" % failed
-        elif self.dry_run:
-            outcome = "%d uploads needed; nothing was changed" % needed
+        down = ["%s (%s)" % (host, _one_line(tally.down))
+                for host, tally in self.tallies.items() if tally.down is not None]
+        out.write("%s%d files x %d hosts in %.1f s, %s. %s%s\n" % (
+            "Dry run: " if self.dry_run else "", self.files, len(self.hosts),
+            time.monotonic() - self.started,
+            _COMPARED_CONTENT if self.checksum else _COMPARED, self._outcome(),
+            " Down: %s." % "; ".join(down) if down else ""))
+
+    def _notes(self, host, tally):
+        """Return the lines that explain a host's figures."""
+        notes = []
+        if tally.cannot_list is not None:
+            notes.append(_one_line(tally.cannot_list))
+        for reason in tally.refusals:
+            notes.append("%s: %s" % (host, reason))
+        return notes
+
+
+class _MasterSync(_Sync):
+    """Repair media hosts from the master copy of a Hybrid or Async storage.
+
+    Per directory, the master's entries and each host's listing, both sorted
+    by name, are merged: a file only in the master copy is missing; in both,
+    it differs when the sizes do, when the host's copy is older than the
+    master file (an overwrite the host missed), or with ``--checksum`` when
+    the content does; a file only on the host is an orphan, reported, and
+    deleted with ``--delete``. A host that cannot list is checked file by
+    file with HEAD.
+    """
+
+    def __init__(self, storage, hosts, prefix, options, out, err):
+        super().__init__(storage, hosts, prefix, options, out, err)
+        self.root = storage.location
+        self.delete = options.delete
+        self.max_delete = options.max_delete
+        self.deletions = 0  # deletions started (or, dry, counted) against --max-delete
+
+    def _columns(self):
+        """Return the summary's (title, counter) columns."""
+        return [("dirs", "dirs"), ("files", "files"), ("same", "same"),
+                ("missing", "missing"), ("size", "size"), ("stale", "stale"),
+                ("content", "content"), ("orphans", "orphans"),
+                ("to upload" if self.dry_run else "uploaded",
+                 (lambda tally: _Sync._needed(self, tally)) if self.dry_run else "uploaded"),
+                ("to delete" if self.dry_run else "deleted",
+                 self._deletable if self.dry_run else "deleted"),
+                ("failed", "failed")]
+
+    def _deletable(self, tally):
+        """Return how many orphans a real run would delete (dry runs)."""
+        return tally.orphans - tally.refused if self.delete else 0
+
+    def _left(self, tally):
+        return 0 if self.delete else tally.orphans
+
+    def _needed(self, tally):
+        return super()._needed(tally) + self._deletable(tally)
+
+    def _directories(self):
+        """Yield ``(directory, (files, subdirectories, only))`` of the master copy, walked
+        once, depth first, in name order; an unreadable directory yields its error."""
+        only = None
+        start = self.prefix
+        if start and not os.path.isdir(os.path.join(self.root, start)):
+            start, _, only = start.rpartition("/")  # --prefix names one file
+        stack = [start]
+        while stack:  # each directory of the tree is pushed once
+            directory = stack.pop()
+            try:
+                files, subdirectories = _master_directory(self.root, directory)
+            except OSError as error:
+                yield directory, error
+                continue
+            if only is not None:
+                files = [entry for entry in files if entry.name == only]
+                subdirectories = []
+            yield directory, (files, subdirectories, only)
+            stack.extend(_join(directory, name) for name in reversed(subdirectories))
+
+    def _jobs(self):
+        """Yield the jobs of the whole tree, directory by directory."""
+        for directory, item, listings in self._listings(self._directories()):
+            if isinstance(item, OSError):
+                for host in self.hosts:
+                    self._failed(host, (directory or ".") + "/", RestoError(
+                        "the master directory cannot be read (%s): nothing compared "
+                        "there, nothing deleted" % _one_line(item)))
+                continue
+            files, subdirectories, only = item
+            with self.lock:
+                self.files += len(files)
+            for host in self.hosts:
+                tally = self.tallies[host]
+                if tally.down is not None:
+                    continue
+                entries = listings[host]
+                if entries is None:
+                    if tally.cannot_list is not None:
+                        for entry in files:
+                            yield self._check_by_head, host, _join(directory, entry.name), entry
+                    continue
+                if only is not None:
+                    entries = [entry for entry in entries if entry.name == only]
+                yield from self._compare(host, directory, files, subdirectories, entries,
+                                         only is not None)
+
+    def _compare(self, host, directory, files, subdirectories, entries, one_file):
+        """Yield the jobs of one directory on one host: both sides sorted by name."""
+        tally = self.tallies[host]
+        host_files = [entry for entry in entries if not entry.is_dir]
+        host_dirs = {entry.name for entry in entries if entry.is_dir}
+        orphans = []
+        index = 0
+        for entry in files:
+            while index < len(host_files) and host_files[index].name < entry.name:
+                orphans.append(host_files[index])
+                index += 1
+            name = _join(directory, entry.name)
+            if index < len(host_files) and host_files[index].name == entry.name:
+                job = self._judge(host, name, entry, host_files[index])
+                index += 1
+                if job is not None:
+                    yield job
+            elif entry.name in host_dirs:
+                self._failed(host, name, RestoError(
+                    "the host has a directory where the master copy has a file: remove "
+                    "it by hand"))
+            else:
+                with self.lock:
+                    tally.files += 1
+                    tally.missing += 1
+                if not self.dry_run:
+                    yield self._upload, host, name, entry
+        orphans.extend(host_files[index:])
+        if one_file:
+            return
+        known = set(subdirectories)
+        orphans.extend(_Entry(name, True, None, None, None) for name in sorted(host_dirs)
+                       if name not in known and name not in {entry.name for entry in files})
+        if orphans:
+            yield from self._orphans(host, directory, orphans, empty=not files and not known)
+
+    def _judge(self, host, name, entry, copy):
+        """Count a file both sides have; return the job that repairs or checks it, or None."""
+        tally = self.tallies[host]
+        if copy.size != entry.size:
+            verdict = "size"
+        elif copy.mtime is not None and copy.mtime + _MTIME_RESOLUTION <= entry.mtime:
+            verdict = "stale"
+        elif self.checksum:
+            return self._check_content, host, name, entry, copy.md5
         else:
-            outcome = "every host is complete"
-        out.write("%s%d files x %d hosts in %.1f s: %s.\n" % (
-            "Dry run: " if self.dry_run else "", self.files, len(self.hosts), elapsed, outcome))
+            verdict = "same"
+        with self.lock:
+            tally.files += 1
+            setattr(tally, verdict, getattr(tally, verdict) + 1)
+        if verdict == "same" or self.dry_run:
+            return None
+        return self._upload, host, name, entry
+
+    def _orphans(self, host, directory, orphans, empty):
+        """Count the orphans of a directory (a host-only directory counts what it holds)
+        and yield their deletions when asked for and allowed."""
+        tally = self.tallies[host]
+        stack = [(directory, orphans)]
+        while stack:  # each host-only directory is listed once
+            parent, entries = stack.pop()
+            for entry in entries:
+                name = _join(parent, entry.name)
+                if entry.is_dir:
+                    try:
+                        below = self.transport.list(host, name)
+                    except FileNotFoundError:
+                        continue
+                    except Exception as error:
+                        self._failed(host, name + "/", error)
+                        continue
+                    stack.append((name, below))
+                    continue
+                with self.lock:
+                    tally.orphans += 1
+                if not self.delete:
+                    continue
+                refusal = self._refusal(directory, empty)
+                if refusal is not None:
+                    with self.lock:
+                        tally.refuse(1, refusal)
+                    continue
+                if not self.dry_run:
+                    yield self._delete, host, name
+
+    def _refusal(self, directory, empty):
+        """Return why an orphan of ``directory`` must not be deleted, or None (and count it)."""
+        if empty:
+            return ("orphans in %s/ not deleted: that master directory is empty (is it "
+                    "mounted?)" % (directory or "."))
+        with self.lock:
+            if self.max_delete is not None and self.deletions >= self.max_delete:
+                return ("deletions stopped at --max-delete %d: orphans are left; raise it "
+                        "or delete by hand" % self.max_delete)
+            self.deletions += 1
+        return None
+
+    def _upload(self, host, name, entry):
+        """PUT the master copy of ``name`` to ``host``."""
+        with open(os.path.join(self.root, name), "rb") as local_file:
+            self.transport.put(host, name, local_file, entry.size)
+        with self.lock:
+            self.tallies[host].uploaded += 1
+
+    def _delete(self, host, name):
+        """DELETE the orphan ``name`` on ``host``, inside the storage's path only."""
+        _check_name(name)
+        self.transport.delete(host, name)
+        with self.lock:
+            self.tallies[host].deleted += 1
+
+    def _check_content(self, host, name, entry, md5):
+        """Compare the content of ``name`` on ``host`` with the master file (MD5); repair."""
+        local = _file_md5(os.path.join(self.root, name))
+        if md5 is None:
+            sink = _MD5Sink()
+            self.transport.fetch(host, name, sink)
+            md5 = sink.digest.hexdigest()
+        differs = md5 != local
+        with self.lock:
+            tally = self.tallies[host]
+            tally.files += 1
+            if differs:
+                tally.content += 1
+            else:
+                tally.same += 1
+        if differs and not self.dry_run:
+            self._upload(host, name, entry)
+
+    def _outcome(self):
+        """Return the last sentence of the summary."""
+        tallies = self.tallies.values()
+        failed = sum(tally.failed for tally in tallies)
+        uploads = sum(_Sync._needed(self, tally) for tally in tallies)
+        orphans = sum(tally.orphans for tally in tallies)
+        refused = sum(tally.refused for tally in tallies)
+        parts = []
+        if failed:
+            parts.append("%d could not be checked or repaired" % failed)
+        blind = [host for host, tally in self.tallies.items() if tally.cannot_list]
+        if blind:
+            parts.append("orphans not looked for on %s (no listing)" % ", ".join(blind))
+        if self.dry_run:
+            deletions = sum(self._deletable(tally) for tally in tallies)
+            if uploads:
+                parts.append("%d uploads needed" % uploads)
+            if deletions:
+                parts.append("%d deletions needed" % deletions)
+            elif orphans:
+                parts.append("%d orphans found (--delete removes them)" % orphans)
+            if refused:
+                parts.append("%d orphans would not be deleted (see above)" % refused)
+            if len(parts) == len(blind[:1]) + bool(failed):
+                parts.insert(0, "every host matches the master copy")
+            return _sentence(parts) + "; nothing was changed."
+        if refused:
+            parts.append("%d orphans not deleted (see above)" % refused)
+        elif orphans and not self.delete:
+            parts.append("%d orphans left: run with --delete to remove them" % orphans)
+        if len(parts) == len(blind[:1]) + bool(failed):
+            parts.insert(0, "every host matches the master copy")
+        return _sentence(parts) + "."
+
+    def _check_by_head(self, host, name, entry):
+        """Compare ``name`` on a host that cannot list, with HEAD; repair."""
+        try:
+            copy = self.transport.stat(host, name)
+        except FileNotFoundError:
+            with self.lock:
+                tally = self.tallies[host]
+                tally.files += 1
+                tally.missing += 1
+            if not self.dry_run:
+                self._upload(host, name, entry)
+            return
+        job = self._judge(host, name, entry, copy)
+        if job is not None:
+            job[0](*job[1:])
+
+
+class _Heal(_Sync):
+    """Heal the hosts of a DistributedStorage from each other (no master copy).
+
+    Per directory, every host's listing is merged by name: a file some hosts
+    lack is copied to them from one that has it; copies that differ (in
+    size, or with ``--checksum`` in content) are replaced by the newest one,
+    by modification time, and the choice is logged. A host that cannot list
+    is asked about each name the others list, with HEAD.
+    """
+
+    def _columns(self):
+        return [("dirs", "dirs"), ("files", "files"), ("same", "same"),
+                ("missing", "missing"), ("size", "size"), ("content", "content"),
+                ("to copy" if self.dry_run else "copied",
+                 self._needed if self.dry_run else "uploaded"),
+                ("failed", "failed")]
+
+    def _jobs(self):
+        """Yield the jobs of the union of the hosts' trees, directory by directory."""
+        pending = collections.deque([self.prefix])
+        # The tree is discovered from the listings: walk it in waves of
+        # _SYNC_LOOKAHEAD directories, each directory listed once.
+        while pending:
+            wave = [pending.popleft() for _ in range(min(len(pending), _SYNC_LOOKAHEAD))]
+            subdirectories = []
+            for directory, _item, listings in self._listings((d, None) for d in wave):
+                yield from self._merge(directory, listings, subdirectories)
+            pending.extendleft(reversed(subdirectories))
+
+    def _merge(self, directory, listings, subdirectories):
+        """Yield the copies one directory needs; collect its subdirectories."""
+        names = {}
+        directories = set()
+        for host in self.hosts:
+            for entry in listings[host] or ():
+                if entry.is_dir:
+                    directories.add(entry.name)
+                else:
+                    names.setdefault(entry.name, {})[host] = entry
+        subdirectories.extend(_join(directory, name) for name in sorted(directories))
+        blind = [host for host in self.hosts if listings[host] is None
+                 and self.tallies[host].cannot_list is not None
+                 and self.tallies[host].down is None]
+        for base in sorted(names):
+            name = _join(directory, base)
+            with self.lock:
+                self.files += 1
+            if blind:
+                yield (self._heal_by_head, self.hosts[0], name, names[base], blind)
+            else:
+                job = self._heal(name, names[base], listings)
+                if job is not None:
+                    yield job
+
+    def _heal_by_head(self, _host, name, copies, blind):
+        """Stat ``name`` on the hosts that cannot list, then heal it."""
+        copies = dict(copies)
+        for host in blind:
+            try:
+                copies[host] = self.transport.stat(host, name)
+            except FileNotFoundError:
+                pass
+            except Exception as error:
+                self._failed(host, name, error)
+        job = self._heal(name, copies, None)
+        if job is not None:
+            job[0](*job[1:])
+
+    def _heal(self, name, copies, listings):
+        """Count one name across the hosts; return the job that copies it, or None."""
+        present = [host for host in self.hosts if host in copies]
+        winner = max(present, key=lambda host: (copies[host].mtime or 0.0,
+                                                -self.hosts.index(host)))
+        best = copies[winner]
+        targets = []
+        for host in self.hosts:
+            tally = self.tallies[host]
+            if tally.down is not None or (listings is not None and listings[host] is None
+                                          and host not in copies):
+                continue
+            copy = copies.get(host)
+            verdict = ("missing" if copy is None else "size" if copy.size != best.size
+                       else "same")
+            if verdict == "same" and self.checksum:
+                verdict = None  # decided by the content check
+            with self.lock:
+                tally.files += 1
+                if verdict is not None:
+                    setattr(tally, verdict, getattr(tally, verdict) + 1)
+            if verdict in ("missing", "size"):
+                targets.append(host)
+        if self.checksum:
+            return self._check_contents, winner, name, copies, targets
+        if not targets:
+            return None
+        self._log_choice(name, winner, best, copies, targets)
+        if self.dry_run:
+            return None
+        return self._copy, winner, name, targets
+
+    def _check_contents(self, winner, name, copies, targets):
+        """Compare the MD5 of every copy with the winner's; copy where it differs."""
+        digests = {}
+        for host, copy in copies.items():
+            if copy.md5 is not None:
+                digests[host] = copy.md5
+                continue
+            sink = _MD5Sink()
+            try:
+                self.transport.fetch(host, name, sink)
+            except Exception as error:
+                self._failed(host, name, error)
+                continue
+            digests[host] = sink.digest.hexdigest()
+        if winner not in digests:
+            return
+        for host, digest in digests.items():
+            if host in targets or host == winner:
+                continue
+            differs = digest != digests[winner]
+            with self.lock:
+                tally = self.tallies[host]
+                if differs:
+                    tally.content += 1
+                else:
+                    tally.same += 1
+            if differs:
+                targets.append(host)
+        with self.lock:
+            self.tallies[winner].same += 1
+        if targets:
+            self._log_choice(name, winner, copies[winner], copies, targets)
+            if not self.dry_run:
+                self._copy(winner, name, targets)
+
+    def _log_choice(self, name, winner, best, copies, targets):
+        """Log which copy wins when copies differ (not when some are only missing)."""
+        losers = [host for host in targets if host in copies]
+        if losers:
+            logger.warning(
+                "Heal: %s differs between hosts; the copy on %s wins (newest, modified %s, "
+                "%s bytes) over %s.", name, winner,
+                "at an unknown time" if best.mtime is None else time.strftime(
+                    "%Y-%m-%d %H:%M:%S UTC", time.gmtime(best.mtime)),
+                best.size, ", ".join(losers))
+
+    def _copy(self, source, name, targets):
+        """GET ``name`` from ``source`` into a spool once; PUT it to every target."""
+        with tempfile.SpooledTemporaryFile(max_size=_MEMORY_SPOOL_LIMIT) as spool:
+            size = self.transport.fetch(source, name, spool)
+            for host in targets:
+                spool.seek(0)
+                try:
+                    self.transport.put(host, name, spool, size)
+                except Exception as error:
+                    self._failed(host, name, error)
+                    continue
+                with self.lock:
+                    self.tallies[host].uploaded += 1
+
+    def _outcome(self):
+        """Return the last sentence of the summary."""
+        needed = sum(self._needed(tally) for tally in self.tallies.values())
+        failed = sum(tally.failed for tally in self.tallies.values())
+        parts = ["%d could not be checked or healed" % failed] if failed else []
+        if self.dry_run and needed:
+            parts.append("%d copies needed" % needed)
+        if not parts:
+            parts.append("every host holds the same files")
+        return _sentence(parts) + ("; nothing was changed." if self.dry_run else ".")
 
 
 def _sync_command(args):
-    """Bring every media host in line with the master copy."""
+    """Bring every media host in line with the master copy, or heal a DistributedStorage."""
     storage = _load_storage(args)
-    if not isinstance(storage, FileSystemStorage):
-        raise _UsageError(
-            "The storage %r is a %s, which keeps no master copy: there is nothing to sync "
-            "from. sync repairs the hosts of a HybridStorage or AsyncStorage."
-            % (args.storage, type(storage).__name__))
     hosts = _selected_hosts(storage, args.hosts)
     prefix = (args.prefix or "").strip("/")
     if prefix:
         try:
             _check_name(prefix)
         except SuspiciousFileOperation as error:
-            raise _UsageError("--prefix %r is not a path inside the master copy: %s"
+            raise _UsageError("--prefix %r is not a path inside the storage: %s"
                               % (args.prefix, error)) from error
-        if not os.path.exists(os.path.join(storage.location, prefix)):
-            raise _UsageError("--prefix %r: no such file or directory in the master copy %s."
-                              % (args.prefix, storage.location))
+    if args.concurrency < 1:
+        raise _UsageError("--concurrency must be 1 or more, not %d." % args.concurrency)
+    if args.max_delete is not None and (args.max_delete < 0 or not args.delete):
+        raise _UsageError("--max-delete %d: give a count of 0 or more, with --delete (it "
+                          "bounds the deletions --delete makes)." % args.max_delete)
+    if not isinstance(storage, FileSystemStorage):
+        if args.delete:
+            raise _UsageError(
+                "--delete: the storage %r is a %s, which keeps no master copy to say what "
+                "is an orphan; sync heals its hosts from each other without it."
+                % (args.storage, type(storage).__name__))
+        return _Heal(storage, hosts, prefix, args, sys.stdout, sys.stderr).run()
     if not os.path.isdir(storage.location):
         raise _UsageError("The master copy %s does not exist: check MEDIA_ROOT or the "
                           "storage's location." % storage.location)
-    if args.concurrency < 1:
-        raise _UsageError("--concurrency must be 1 or more, not %d." % args.concurrency)
-    sync = _Sync(storage, hosts, prefix, args.dry_run, args.concurrency, sys.stdout,
-                 sys.stderr)
-    return sync.run()
+    start = os.path.join(storage.location, prefix) if prefix else storage.location
+    if prefix and not os.path.exists(start):
+        raise _UsageError("--prefix %r: no such file or directory in the master copy %s."
+                          % (args.prefix, storage.location))
+    if args.delete and os.path.isdir(start):
+        try:
+            empty = not os.listdir(start)
+        except OSError as error:
+            raise _UsageError("--delete refused: the master copy %s cannot be read (%s); "
+                              "fix it first, or sync without --delete."
+                              % (start, _one_line(error))) from error
+        if empty:
+            raise _UsageError(
+                "--delete refused: the master copy %s is empty, so every file on the hosts "
+                "would be deleted. Is it mounted? Check MEDIA_ROOT (or --prefix)." % start)
+    return _MasterSync(storage, hosts, prefix, args, sys.stdout, sys.stderr).run()
 
 
 # The probe that check writes: small, and its name says who left it there.
@@ -4406,8 +4989,9 @@ def main(argv=None):
                        help="send answers one byte every SECONDS")
     serve.add_argument("--reset-after", type=int, metavar="BYTES",
                        help="reset the connection after BYTES of a PUT body")
-    for command, about in (("sync", "upload to the media hosts what they lack or hold "
-                                     "different (from the master copy)"),
+    for command, about in (("sync", "repair the media hosts from the master copy: upload "
+                                     "what they lack or hold different, report orphans "
+                                     "(a DistributedStorage heals from its hosts)"),
                            ("check", "probe every media host: PUT, HEAD, GET, DELETE")):
         sub = commands.add_parser(command, help=about)
         sub.add_argument("--settings", help="Django settings module (default: "
@@ -4420,9 +5004,18 @@ def main(argv=None):
             sub.add_argument("--prefix", metavar="PATH",
                              help="only this file or directory of the master copy")
             sub.add_argument("--dry-run", action="store_true",
-                             help="check only: report what would be uploaded")
+                             help="compare only: report what would be uploaded or deleted")
+            sub.add_argument("--checksum", action="store_true",
+                             help="also compare contents (MD5 from the host's listing, "
+                             "else downloaded)")
+            sub.add_argument("--delete", action="store_true",
+                             help="delete orphans: files on a host that the master copy "
+                             "does not have")
+            sub.add_argument("--max-delete", type=int, metavar="N",
+                             help="with --delete, stop deleting after N files")
             sub.add_argument("--concurrency", type=int, default=16, metavar="N",
-                             help="checks and uploads in flight at once (default 16)")
+                             help="uploads, deletions and checks in flight at once "
+                             "(default 16)")
     args = parser.parse_args(argv)
     handler = {"demo": _demo, "serve": _serve, "sync": _sync_command,
                "check": _check_command}[args.command]
