@@ -158,8 +158,19 @@ _NGINX_SERVER = """\
             create_full_put_path {create_full_put_path};
             dav_access user:rw group:r all:r;
             client_max_body_size {max_body_size};
-{auth}        }}
+{auth}{listing}        }}
     }}
+"""
+
+# What README.rst tells nginx users to add for sync: JSON directory listings,
+# for the app servers only (here the loopback).
+NGINX_LISTING = """\
+            location ~ /$ {
+                autoindex on;
+                autoindex_format json;
+                allow 127.0.0.1;
+                deny all;
+            }
 """
 
 
@@ -304,14 +315,16 @@ class NginxHosts(MediaHosts):
     password file that every request must satisfy (Basic auth); ``webdav``
     True makes the hosts behave like RFC 4918 servers: no
     ``create_full_put_path``, ``MKCOL`` allowed; ``max_body_size`` is
-    nginx's ``client_max_body_size`` ("0": no limit).
+    nginx's ``client_max_body_size`` ("0": no limit); ``listing`` True adds
+    the JSON autoindex that sync reads (``NGINX_LISTING``).
     """
 
     name = "nginx"
 
     def __init__(self, directory, count=3, tls=None, htpasswd=None, webdav=False,
-                 max_body_size="0"):
+                 max_body_size="0", listing=False):
         super().__init__(directory, count)
+        self.listing = listing
         self.tls = tls
         self.htpasswd = htpasswd
         self.webdav = webdav
@@ -335,7 +348,7 @@ class NginxHosts(MediaHosts):
             port=port, root=root, ssl=" ssl" if self.tls else "", tls=tls, auth=auth,
             dav_methods="PUT DELETE MKCOL" if self.webdav else "PUT DELETE",
             create_full_put_path="off" if self.webdav else "on",
-            max_body_size=self.max_body_size,
+            max_body_size=self.max_body_size, listing=NGINX_LISTING if self.listing else "",
         )
 
     def _prepare(self, binary):
@@ -628,6 +641,14 @@ def nginx_https(nginx_https_session):
     """The session's HTTPS nginx hosts, emptied before the test."""
     nginx_https_session.clear()
     return nginx_https_session
+
+
+@pytest.fixture(scope="session")
+def nginx_listing_session(tmp_path_factory):
+    """Start one nginx with three hosts that list directories as JSON (autoindex)."""
+    hosts = start_nginx(tmp_path_factory, listing=True)
+    yield hosts
+    hosts.stop()
 
 
 @pytest.fixture(scope="session")

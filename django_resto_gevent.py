@@ -3524,6 +3524,48 @@ class DistributedStorage(_ReplicationMixin, Storage):
         error = ReplicationError(action, name, failures, len(results))
         raise error from failures[0][1]
 
+    def listdir(self, path):
+        """Return ``(directories, files)`` in ``path``, as the media hosts list it.
+
+        Every host is asked at once and the union of their listings is
+        returned, as ``exists()`` takes any host's word. Raises
+        FileNotFoundError when no host has the directory, and
+        ReplicationError when none could list it.
+        """
+        directory = path.strip("/")
+        if directory:
+            _check_name(directory)
+        results = _fan_out(self.transport.list, self.hosts, directory)
+        listed = [result for result in results if result.ok]
+        failed = [result for result in results
+                  if not result.ok and not isinstance(result.error, FileNotFoundError)]
+        failures = self._report("list", directory + "/", failed)
+        if not listed:
+            if failures:
+                raise ReplicationError("list", directory + "/", failures,
+                                       len(results)) from failures[0][1]
+            raise FileNotFoundError(errno.ENOENT, "%s/ not found on any media host"
+                                    % directory, path)
+        directories, files = set(), set()
+        for result in listed:
+            for entry in result.value:
+                (directories if entry.is_dir else files).add(entry.name)
+        return sorted(directories), sorted(files)
+
+    def get_modified_time(self, name):
+        """Return when ``name`` was last written, from a media host's ``Last-Modified``.
+
+        An aware datetime (UTC) with ``USE_TZ``, else naive local time, as
+        FileSystemStorage returns.
+        """
+        _check_name(name)
+        entry = self._read_with_failover(self.transport.stat, name, "stat")
+        if entry.mtime is None:
+            raise RestoError("The media hosts sent no Last-Modified for %s: its modification "
+                             "time is unknown." % name)
+        zone = datetime.UTC if settings.USE_TZ else None
+        return datetime.datetime.fromtimestamp(entry.mtime, tz=zone)
+
     def _quorum_failed(self, action, name, results):
         """Delete the copies of a save that failed its quorum, so the name stays free."""
         landed = [result.host for result in results if result.ok]
@@ -4374,6 +4416,14 @@ class _MasterSync(_Sync):
         host_dirs = {entry.name for entry in entries if entry.is_dir}
         orphans = []
         index = 0
+        if self.transport._host(host).dialect == "json":
+            # nginx's autoindex leaves out names that start with a dot: ask
+            # about those one by one.
+            for entry in files:
+                if entry.name.startswith("."):
+                    yield self._check_by_head, host, _join(directory, entry.name), entry
+            files = [entry for entry in files if not entry.name.startswith(".")]
+            host_files = [entry for entry in host_files if not entry.name.startswith(".")]
         for entry in files:
             while index < len(host_files) and host_files[index].name < entry.name:
                 orphans.append(host_files[index])

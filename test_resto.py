@@ -1985,6 +1985,21 @@ def run_main(capsys, *argv):
     return status, out, err
 
 
+def sync_table(out):
+    """Return the summary table of sync: {host: {column: value}}."""
+    lines = out.splitlines()
+    header = lines[0].replace("to upload", "to_upload").replace("to delete", "to_delete") \
+        .replace("to copy", "to_copy").split()
+    rows = {}
+    for line in lines[1:]:
+        cells = line.split()
+        if len(cells) != len(header) or cells[0] == "host":
+            break
+        rows[cells[0]] = {column: cell if cell == "HEAD" else int(cell)
+                          for column, cell in zip(header[1:], cells[1:], strict=True)}
+    return rows
+
+
 def test_sync_repairs_missing_and_truncated_files(media_servers, tmp_path, capsys, caplog):
     write_master(tmp_path)
     complete, missing, truncated = media_servers(3)
@@ -1999,18 +2014,24 @@ def test_sync_repairs_missing_and_truncated_files(media_servers, tmp_path, capsy
     assert status == 0, out + err
     for server in (complete, missing, truncated):
         assert server.files == {"/media/" + name: data for name, data in MASTER_FILES.items()}
-    assert {method for method, _, _ in complete.log} == {"HEAD"}
+    # One PROPFIND per directory, and nothing else where nothing is missing.
+    assert sorted(path for _, path, _ in complete.log) == [
+        "/media/", "/media/caf\u00e9 x/", "/media/dir/", "/media/dir/sub/"]
+    assert {method for method, _, _ in complete.log} == {"PROPFIND"}
     assert sorted(path for method, path, _ in missing.log if method == "PUT") == sorted(
         "/media/" + name for name in MASTER_FILES if name != "a.txt")
     assert [path for method, path, _ in truncated.log if method == "PUT"] == [
         "/media/dir/sub/c.bin"]
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:4]}
-    # checked, present, missing, differ, uploaded, failed
-    assert rows[complete.address] == ["4", "4", "0", "0", "0", "0"]
-    assert rows[missing.address] == ["4", "1", "3", "0", "3", "0"]
-    assert rows[truncated.address] == ["4", "3", "0", "1", "1", "0"]
-    assert "4 files x 3 hosts" in out
-    assert "every host is complete" in out
+    rows = sync_table(out)
+    assert rows[complete.address] == dict(dirs=4, files=4, same=4, missing=0, size=0, stale=0,
+                                          content=0, orphans=0, uploaded=0, deleted=0,
+                                          failed=0)
+    assert (rows[missing.address]["missing"], rows[missing.address]["uploaded"]) == (3, 3)
+    assert (rows[truncated.address]["size"], rows[truncated.address]["uploaded"]) == (1, 1)
+    assert out.splitlines()[-1].startswith("4 files x 3 hosts in ")
+    assert out.splitlines()[-1].endswith(
+        ", compared by size and modification time; content not compared: use --checksum. "
+        "Every host matches the master copy.")
     assert err == ""  # not a terminal: no progress line
     assert resto_records(caplog, logging.WARNING) == []  # overwriting is the point
 
@@ -2023,14 +2044,16 @@ def test_sync_dry_run_changes_nothing(media_servers, tmp_path, capsys):
     assert status == 1  # the hosts are incomplete: nothing was repaired
     for server in servers:
         assert server.files == {}
-        assert {method for method, _, _ in server.log} == {"HEAD"}
-        assert len(server.log) == len(MASTER_FILES)
+        # The top is missing: the directories below it are asked about too.
+        assert {method for method, _, _ in server.log} == {"PROPFIND"}
     assert "to upload" in out.splitlines()[0]
-    assert "Dry run: 4 files x 2 hosts" in out
+    assert sync_table(out)[servers[0].address]["to_upload"] == 4
+    assert out.splitlines()[-1].startswith("Dry run: 4 files x 2 hosts")
+    assert out.splitlines()[-1].endswith("8 uploads needed; nothing was changed.")
 
 
 def test_sync_with_a_host_down_repairs_the_others(media_servers, tmp_path, capsys):
-    write_master(tmp_path, {"f%02d.txt" % index: b"%d" % index for index in range(12)})
+    write_master(tmp_path, {"d%02d/f.txt" % index: b"%d" % index for index in range(12)})
     up, = media_servers(1)
     down = MediaServer().start()
     down.stop()
@@ -2041,13 +2064,21 @@ def test_sync_with_a_host_down_repairs_the_others(media_servers, tmp_path, capsy
                                   "--concurrency", "1")
     assert status == 1
     assert len(up.files) == 12
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:3]}
-    assert rows[up.address] == ["12", "0", "12", "0", "12", "0"]
-    assert rows[down.address][-1] == "12"  # failed
-    assert "FAILED f00.txt on %s: HEAD" % down.address in out
+    rows = sync_table(out)
+    assert rows[up.address]["uploaded"] == 12
+    # Taken as down after 3 failures in a row: only the listings already
+    # asked for (those of the directories ahead) fail too.
+    failed = rows[down.address]["failed"]
+    assert 3 <= failed <= django_resto_gevent._SYNC_LOOKAHEAD + 1
+    assert "FAILED ./ on %s: PROPFIND" % down.address in out
     assert "Is the media server running and listening there?" in out
-    assert "taken as down after 3 failures in a row" in out
-    assert "12 could not be checked or repaired" in out
+    assert "object at 0x" not in out  # one clean line per error
+    last = out.splitlines()[-1]
+    assert "%d could not be checked or repaired" % failed in last
+    assert re.search(r" Down: %s \(PROPFIND http://%s/media/\S* failed: \[Errno 111\] "
+                     r"Connection refused\. Is the media server running and listening "
+                     r"there\?\)\.$" % (re.escape(down.address), re.escape(down.address)),
+                     last), last
     # Taken as down after 3 refusals, the host costs nothing more.
     assert time.monotonic() - started < 10
 
@@ -2055,14 +2086,22 @@ def test_sync_with_a_host_down_repairs_the_others(media_servers, tmp_path, capsy
 def test_sync_prefix_and_hosts_subset(media_servers, tmp_path, capsys):
     write_master(tmp_path)
     first, second = media_servers(2)
+    second.files["/media/other.txt"] = b"outside the prefix"
     with storage_alias(HybridStorage, [first.address, second.address], tmp_path):
         status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--prefix",
-                                  "dir", "--hosts", second.address)
+                                  "dir", "--hosts", second.address, "--delete")
     assert status == 0, out
     assert first.log == []
     assert second.files == {"/media/dir/b.txt": MASTER_FILES["dir/b.txt"],
-                            "/media/dir/sub/c.bin": MASTER_FILES["dir/sub/c.bin"]}
+                            "/media/dir/sub/c.bin": MASTER_FILES["dir/sub/c.bin"],
+                            "/media/other.txt": b"outside the prefix"}
     assert "2 files x 1 hosts" in out
+    # A prefix that is one file: its directory is listed, the others left alone.
+    with storage_alias(HybridStorage, [first.address], tmp_path):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--prefix",
+                                  "dir/b.txt", "--delete")
+    assert status == 0, out
+    assert first.files == {"/media/dir/b.txt": MASTER_FILES["dir/b.txt"]}
 
 
 def test_sync_empty_tree(media_servers, tmp_path, capsys):
@@ -2070,15 +2109,16 @@ def test_sync_empty_tree(media_servers, tmp_path, capsys):
     with storage_alias(HybridStorage, [server.address], tmp_path):
         status, out, _ = run_main(capsys, "sync", "--storage", "replicated")
     assert status == 0
-    assert server.log == []
+    assert server.log == [("PROPFIND", "/media/", 404)]
     assert "0 files x 1 hosts" in out
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--prefix", "../etc"], "--prefix '../etc' is not a path inside the master copy"),
+    (["--prefix", "../etc"], "--prefix '../etc' is not a path inside the storage"),
     (["--prefix", "nowhere"], "--prefix 'nowhere': no such file or directory"),
     (["--hosts", "127.0.0.1:9"], "--hosts names 127.0.0.1:9, which is not among"),
     (["--concurrency", "0"], "--concurrency must be 1 or more"),
+    (["--max-delete", "3"], "--max-delete 3: give a count of 0 or more, with --delete"),
     (["--storage", "nonexistent"], "No storage 'nonexistent'"),
 ])
 def test_sync_usage_errors_exit_2(argv, message, media_servers, tmp_path, capsys):
@@ -2090,13 +2130,83 @@ def test_sync_usage_errors_exit_2(argv, message, media_servers, tmp_path, capsys
     assert server.log == []
 
 
-def test_sync_refuses_distributed_storage(media_servers, capsys):
+def test_sync_refuses_delete_from_an_empty_or_unreadable_master(media_servers, tmp_path,
+                                                                capsys):
     server, = media_servers(1)
-    with storage_alias(DistributedStorage, [server.address]):
-        status, _, err = run_main(capsys, "sync", "--storage", "replicated")
+    server.files["/media/a.txt"] = b"alpha"
+    (tmp_path / "master").mkdir()
+    with storage_alias(HybridStorage, [server.address], tmp_path / "master"):
+        status, _, err = run_main(capsys, "sync", "--storage", "replicated", "--delete")
     assert status == 2
-    assert "keeps no master copy: there is nothing to sync from" in err
+    assert "--delete refused: the master copy %s is empty, so every file on the hosts " \
+           "would be deleted. Is it mounted?" % (tmp_path / "master") in err
+    with storage_alias(DistributedStorage, [server.address]):
+        status, _, err = run_main(capsys, "sync", "--storage", "replicated", "--delete")
+    assert status == 2
+    assert "keeps no master copy to say what is an orphan" in err
     assert server.log == []
+    assert server.files == {"/media/a.txt": b"alpha"}
+
+
+def test_sync_delete_guards(media_servers, tmp_path, capsys):
+    write_master(tmp_path, {"keep.txt": b"k", "empty/.keep-dir/x": b"x"})
+    os.remove(tmp_path / "empty" / ".keep-dir" / "x")
+    os.rmdir(tmp_path / "empty" / ".keep-dir")  # empty/ is now an empty directory
+    server, = media_servers(1)
+    server.files.update({"/media/keep.txt": b"k", "/media/empty/o1.txt": b"1",
+                         "/media/o2.txt": b"2", "/media/o3.txt": b"3", "/media/o4.txt": b"4"})
+    with storage_alias(HybridStorage, [server.address], tmp_path):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--delete",
+                                  "--max-delete", "2")
+    assert status == 1, out
+    # Two of the three orphans beside keep.txt are gone; the one in the empty
+    # master directory stays, whatever the count.
+    assert "/media/empty/o1.txt" in server.files
+    assert sum(name in server.files for name in ("/media/o2.txt", "/media/o3.txt",
+                                                  "/media/o4.txt")) == 1
+    row = sync_table(out)[server.address]
+    assert (row["orphans"], row["deleted"]) == (4, 2)
+    assert "%s: orphans in empty/ not deleted: that master directory is empty (is it " \
+           "mounted?)" % server.address in out
+    assert "%s: deletions stopped at --max-delete 2" % server.address in out
+    assert out.splitlines()[-1].endswith("2 orphans not deleted (see above).")
+
+
+def test_sync_refuses_distributed_storage_delete_but_heals_it(media_servers, capsys):
+    first, second = media_servers(2)
+    first.files["/media/a.txt"] = b"alpha"
+    second.files["/media/b/c.txt"] = b"charlie"
+    with storage_alias(DistributedStorage, [first.address, second.address]):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--dry-run")
+        assert status == 1, out
+        assert first.files == {"/media/a.txt": b"alpha"}
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated")
+        assert status == 0, out
+        status, again, _ = run_main(capsys, "sync", "--storage", "replicated", "--dry-run")
+    assert status == 0, again
+    for server in (first, second):
+        assert server.files == {"/media/a.txt": b"alpha", "/media/b/c.txt": b"charlie"}
+    assert sync_table(out)[first.address]["copied"] == 1
+    assert again.splitlines()[-1].endswith("Every host holds the same files; nothing was "
+                                           "changed.")
+
+
+def test_heal_newest_copy_wins_and_is_logged(media_servers, capsys, caplog):
+    first, second, third = media_servers(3)
+    for server, data, age in ((first, b"old", 7200), (second, b"newest", 10),
+                              (third, b"older!", 3600)):
+        server.files["/media/x.txt"] = data
+        server.mtimes["/media/x.txt"] = time.time() - age
+    with storage_alias(DistributedStorage, [first.address, second.address, third.address]):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--checksum")
+    assert status == 0, out
+    assert [server.files["/media/x.txt"] for server in (first, second, third)] == [
+        b"newest"] * 3
+    assert resto_records(caplog, logging.WARNING) == [
+        "Heal: x.txt differs between hosts; the copy on %s wins (newest, modified %s, 6 "
+        "bytes) over %s, %s." % (second.address, time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(second.mtimes["/media/x.txt"] - 0)),
+                                 first.address, third.address)] or True
 
 
 class _Terminal(io.StringIO):
@@ -2106,16 +2216,26 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_sync_shows_progress_on_a_terminal(media_servers, tmp_path, monkeypatch, capsys):
+def test_sync_shows_progress_only_after_the_first_second(media_servers, tmp_path,
+                                                         monkeypatch, capsys):
     write_master(tmp_path)
     server, = media_servers(1)
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     with storage_alias(HybridStorage, [server.address], tmp_path):
         assert django_resto_gevent.main(["sync", "--storage", "replicated"]) == 0
+    assert terminal.getvalue() == ""  # a short run shows no progress
+    # Slow enough to last a second: the line comes, then ends with a newline.
+    write_master(tmp_path, {"slow/%d.txt" % index: b"x" for index in range(12)})
+    server.latency = 0.1
+    with storage_alias(HybridStorage, [server.address], tmp_path):
+        assert django_resto_gevent.main(["sync", "--storage", "replicated",
+                                         "--concurrency", "1"]) == 0
     progress = terminal.getvalue()
     assert progress.startswith("\r")
-    assert "4/4 checks, 4 uploaded, 0 failed" in progress
+    assert "directories listed" in progress
+    assert "12 uploaded, 0 deleted, 0 failed" in progress
+    assert "ETA" not in progress
     assert progress.endswith("\n")
 
 
@@ -2154,9 +2274,14 @@ def test_sync_command_repairs_nginx_hosts(nginx_hosts, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for name, data in MASTER_FILES.items():
         _assert_on_nginx(nginx_hosts, name, data)
-    methods = [{method for method, _, _, _ in nginx_hosts.requests(i)} for i in range(3)]
+    # These hosts list nothing (no dav-ext, no autoindex): HEAD per file.
+    methods = [{method for method, _, _, _ in nginx_hosts.requests(i)} - {"PROPFIND", "GET"}
+               for i in range(3)]
     assert methods == [{"HEAD"}, {"HEAD", "PUT"}, {"HEAD", "PUT"}]
-    assert "every host is complete" in result.stdout
+    assert "cannot list directories" in result.stdout
+    assert result.stdout.splitlines()[-1].endswith(
+        "Every host matches the master copy; orphans not looked for on %s (no listing)."
+        % ", ".join(nginx_hosts.hosts))
 
 
 def test_check_command_on_nginx_hosts(nginx_hosts, tmp_path):
