@@ -554,7 +554,8 @@ def _reason_hint(reason):
 
 
 # Where urllib3 puts the repr of a connection in front of the reason.
-_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>:? ?")
+_OBJECT_REPR = re.compile(r"(?:<[\w.]+ object at 0x[0-9a-fA-F]+>|\b\w*Connection\("
+                          r"host=[^()]*\)): ?")
 
 
 def _with_hint(reason):
@@ -4569,16 +4570,21 @@ class _MasterSync(_Sync):
                 parts.append("%d orphans found (--delete removes them)" % orphans)
             if refused:
                 parts.append("%d orphans would not be deleted (see above)" % refused)
-            if len(parts) == len(blind[:1]) + bool(failed):
+            if self._clean(parts, blind):
                 parts.insert(0, "every host matches the master copy")
             return _sentence(parts) + "; nothing was changed."
         if refused:
             parts.append("%d orphans not deleted (see above)" % refused)
         elif orphans and not self.delete:
             parts.append("%d orphans left: run with --delete to remove them" % orphans)
-        if len(parts) == len(blind[:1]) + bool(failed):
+        if self._clean(parts, blind):
             parts.insert(0, "every host matches the master copy")
         return _sentence(parts) + "."
+
+    def _clean(self, parts, blind):
+        """Tell whether ``parts`` found nothing wrong (but the hosts that cannot list)."""
+        down = any(tally.down is not None for tally in self.tallies.values())
+        return not down and len(parts) == (1 if blind else 0)
 
     def _check_by_head(self, host, name, entry):
         """Compare ``name`` on a host that cannot list, with HEAD; repair."""
