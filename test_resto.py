@@ -2066,10 +2066,11 @@ def test_sync_with_a_host_down_repairs_the_others(media_servers, tmp_path, capsy
     assert len(up.files) == 12
     rows = sync_table(out)
     assert rows[up.address]["uploaded"] == 12
-    # Taken as down after 3 failures in a row: only the listings already
-    # asked for (those of the directories ahead) fail too.
+    # Taken as down after 3 failures in a row; the listings already asked
+    # for (directories ahead) fail too, and no upload is tried.
     failed = rows[down.address]["failed"]
-    assert 3 <= failed <= django_resto_gevent._SYNC_LOOKAHEAD + 2
+    assert 3 <= failed <= 12
+    assert rows[down.address]["files"] == 0
     assert "FAILED ./ on %s: PROPFIND" % down.address in out
     assert "Is the media server running and listening there?" in out
     assert "object at 0x" not in out  # one clean line per error
