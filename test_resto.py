@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pickle
+import pwd
 import random
 import re
 import select
@@ -3345,3 +3346,205 @@ def test_gunicorn_preload_with_https_hosts(config, nginx_https, certificates, tm
             "process.")
     for name in uploads:
         _assert_gone_from_nginx(nginx_https, name)
+
+
+###############################################################################
+# Command line: sync against real hosts of every kind
+###############################################################################
+
+
+class SyncHost:
+    """One host of a kind, seen from its own side: put, read and age files there."""
+
+    def __init__(self, kind, entry, base, options=None, disk=None, seaweed=None, owner=None):
+        self.kind = kind
+        self.entry = entry
+        self.base = base  # the storage's path on the host, e.g. "media/t1a2b/"
+        self.options = options or {}
+        self.disk = disk  # where the host's files are, for nginx, Apache, lighttpd
+        self.seaweed = seaweed
+        self.owner = owner  # (uid, gid) that must own what the test writes (Apache)
+
+    def put(self, name, data):
+        """Store ``data`` as ``name`` on the host, behind the storage's back."""
+        if self.disk is not None:
+            path = os.path.join(self.disk, self.base, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as output:
+                output.write(data)
+            if self.owner is not None:
+                for root, directories, files in os.walk(os.path.join(self.disk, "media")):
+                    for item in [root] + [os.path.join(root, f) for f in directories + files]:
+                        os.chown(item, *self.owner)
+        elif self.kind == "filer":
+            response = urllib3.request("PUT", "%s/%s%s" % (self.seaweed.filer_url, self.base,
+                                                           quote(name)), body=data, timeout=10)
+            assert response.status == 201, response.data
+        else:
+            response = self.seaweed.s3_request("PUT", "/media/%s%s" % (self.base, quote(name)),
+                                               body=data)
+            assert response.status == 200, response.data
+
+    def read(self, name):
+        """Return the bytes the host holds for ``name``, or None."""
+        if self.disk is not None:
+            try:
+                with open(os.path.join(self.disk, self.base, name), "rb") as stored:
+                    return stored.read()
+            except FileNotFoundError:
+                return None
+        if self.kind == "filer":
+            response = urllib3.request("GET", "%s/%s%s" % (self.seaweed.filer_url, self.base,
+                                                           quote(name)), timeout=10)
+        else:
+            response = self.seaweed.s3_request("GET", "/media/%s%s" % (self.base, quote(name)))
+        return response.data if response.status == 200 else None
+
+    def can_age(self):
+        """Tell whether the test can set a copy's modification time on the host."""
+        return self.disk is not None
+
+    def age(self, name, seconds):
+        """Make the host's copy of ``name`` ``seconds`` older."""
+        path = os.path.join(self.disk, self.base, name)
+        when = os.stat(path).st_mtime - seconds
+        os.utime(path, (when, when))
+
+
+SYNC_HOST_KINDS = ["nginx", "apache", "lighttpd", "filer", "s3"]
+
+
+@pytest.fixture(params=SYNC_HOST_KINDS)
+def sync_host(request):
+    """One host of each kind that lists, under a storage path of this test's own."""
+    base = "media/t%s/" % os.urandom(4).hex()
+    kind = request.param
+    if kind in ("filer", "s3"):
+        seaweed = request.getfixturevalue("seaweed")
+        if kind == "filer":
+            return SyncHost(kind, seaweed.filer_host, base, seaweed=seaweed)
+        return SyncHost(kind, s3_host(seaweed), base, s3_options(seaweed), seaweed=seaweed)
+    session = request.getfixturevalue({"nginx": "nginx_listing_session",
+                                       "apache": "apache_session",
+                                       "lighttpd": "lighttpd_session"}[kind])
+    session.clear()
+    owner = None
+    if kind == "apache" and os.geteuid() == 0:
+        account = pwd.getpwnam("www-data")
+        owner = (account.pw_uid, account.pw_gid)
+    return SyncHost(kind, session.hosts[0], base, disk=session.roots[0], owner=owner)
+
+
+def wait_past(moment):
+    """Wait until the clock passes ``moment`` (at most 3 s).
+
+    A host keeps whole seconds: a copy written in the same second as the
+    master file cannot be told apart from an older one. This waits for the
+    clock, not for any work.
+    """
+    for _ in range(300):
+        if time.time() > moment:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the clock did not pass %r" % moment)
+
+
+SYNC_KEPT = {"keep.txt": b"kept", "dir/sub/deep.txt": b"deep", "caf\u00e9 x/d.txt": b"delta"}
+
+
+def test_sync_finds_and_repairs_every_divergence(sync_host, tmp_path, capsys, caplog):
+    master = tmp_path / "master"
+    host = sync_host
+    # On the host: copies that are right, one of another size, one with other
+    # bytes of the same size (a corrupted copy), orphans; then the master.
+    for name, data in SYNC_KEPT.items():
+        host.put(name, data)
+    host.put("size.txt", b"short")
+    host.put("corrupt.txt", b"XXXXXXXX")
+    host.put("orphan.txt", b"deleted from the master, left on the host")
+    host.put("gone/x.txt", b"a whole directory the master no longer has")
+    if not host.can_age():
+        host.put("stale.txt", b"old text")
+    master_files = dict(SYNC_KEPT, **{"missing.txt": b"never reached the host",
+                                      "size.txt": b"longer than the host's",
+                                      "corrupt.txt": b"original", "stale.txt": b"new text"})
+    write_master(master, master_files)
+    if host.can_age():
+        host.put("stale.txt", b"old text")
+        host.age("stale.txt", 3600)  # an overwrite of the master that the host missed
+        for name in SYNC_KEPT:
+            host.age(name, -5)  # written after the master, as saves do
+        host.age("corrupt.txt", -5)
+    else:
+        # The host's copy is as old as can be made: the master file is a
+        # second newer (hosts keep whole seconds), then the clock passes it.
+        newer = time.time() + 1
+        os.utime(master / "stale.txt", (newer, newer))
+        wait_past(newer)
+    options = dict(host.options, base_url="/" + host.base)
+    argv = ["sync", "--storage", "replicated"]
+    with storage_alias(HybridStorage, [host.entry], master, **options):
+        status, out, _ = run_main(capsys, *argv, "--dry-run")
+        assert status == 1, out
+        row = sync_table(out)[host.entry]
+        assert row["dirs"] >= 4, out  # listed, not checked file by file
+        assert (row["missing"], row["size"], row["stale"], row["orphans"], row["same"],
+                row["content"]) == (1, 1, 1, 2, 4, 0), out
+        assert ", compared by size and modification time; content not compared: use " \
+               "--checksum. " in out.splitlines()[-1]
+        status, out, _ = run_main(capsys, *argv, "--dry-run", "--checksum")
+        assert status == 1, out
+        row = sync_table(out)[host.entry]
+        assert (row["content"], row["same"]) == (1, 3), out
+        assert host.read("orphan.txt") is not None  # a dry run changes nothing
+        status, out, _ = run_main(capsys, *argv, "--checksum", "--delete")
+        assert status == 0, out
+        row = sync_table(out)[host.entry]
+        assert (row["uploaded"], row["deleted"]) == (4, 2), out
+        for name, data in master_files.items():
+            assert host.read(name) == data, name
+        assert host.read("orphan.txt") is None
+        assert host.read("gone/x.txt") is None
+        status, out, _ = run_main(capsys, *argv, "--dry-run", "--checksum", "--delete")
+    assert status == 0, out
+    assert out.splitlines()[-1].endswith(
+        "Every host matches the master copy; nothing was changed."), out
+    assert resto_records(caplog) == []
+
+
+def test_heal_distributed_hosts_from_each_other(nginx_listing_session, apache_session,
+                                                capsys, caplog):
+    nginx_listing_session.clear()
+    apache_session.clear()
+    account = pwd.getpwnam("www-data") if os.geteuid() == 0 else None
+    base = "media/heal%s/" % os.urandom(3).hex()
+    nginx = SyncHost("nginx", nginx_listing_session.hosts[0], base,
+                     disk=nginx_listing_session.roots[0])
+    apache = SyncHost("apache", apache_session.hosts[0], base, disk=apache_session.roots[0],
+                      owner=account and (account.pw_uid, account.pw_gid))
+    nginx.put("only-on-nginx.txt", b"n")
+    apache.put("deep/only-on-apache.txt", b"a")
+    nginx.put("both.txt", b"older")
+    apache.put("both.txt", b"newer copy")
+    nginx.age("both.txt", 3600)
+    hosts = [nginx.entry, apache.entry]
+    with storage_alias(DistributedStorage, hosts, base_url="/" + base):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--dry-run")
+        assert status == 1, out
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated")
+        assert status == 0, out
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--dry-run")
+        assert status == 0, out
+        storage = DistributedStorage(hosts=hosts, base_url="/" + base)
+        assert storage.listdir("") == (["deep"], ["both.txt", "only-on-nginx.txt"])
+        assert storage.listdir("deep") == ([], ["only-on-apache.txt"])
+        modified = storage.get_modified_time("both.txt")
+        assert modified.tzinfo is not None
+        assert abs(modified.timestamp() - time.time()) < 60
+    for host in (nginx, apache):
+        assert host.read("only-on-nginx.txt") == b"n"
+        assert host.read("deep/only-on-apache.txt") == b"a"
+        assert host.read("both.txt") == b"newer copy"
+    # The choice is logged by the dry run and by the run that made it.
+    assert ["Heal: both.txt differs between hosts; the copy on %s wins" % apache.entry in
+            message for message in resto_records(caplog, logging.WARNING)] == [True, True]
