@@ -459,6 +459,10 @@ class _NoAnswer(_AnswerError):
     """The host closed the connection before sending a byte of an answer."""
 
 
+class _StaleConnection(_NoAnswer):
+    """A kept-alive connection the host closed as the request went out on it."""
+
+
 class TransportError(RestoError):
     """A request to a media host failed before a status code came back."""
 
@@ -1322,6 +1326,7 @@ def _exchange(pool, host, method, path, body, headers, size, idle_timeout, deadl
     """
     head = _request_head(method, path, host, headers)  # checked before any connection
     connection = pool._get_conn()
+    reused = connection.sock is not None
     try:
         if connection.sock is None:
             connection.timeout = min(idle_timeout, deadline.remaining())
@@ -1337,6 +1342,14 @@ def _exchange(pool, host, method, path, body, headers, size, idle_timeout, deadl
     except TimeoutError as exc:
         connection.close()
         raise deadline.explain(idle_timeout) from exc
+    except _NoAnswer as exc:
+        connection.close()
+        if reused:
+            # A server may close an idle kept-alive connection at any time
+            # (Apache's event MPM does when its workers are busy): nothing
+            # was answered, so the request goes again on a new connection.
+            raise _StaleConnection(str(exc)) from exc
+        raise
     except BaseException:
         connection.close()  # half a request or answer: never reuse it
         raise
@@ -2592,10 +2605,21 @@ class DefaultTransport:
         kind = self._host(host)
         headers = dict(headers or (), **{"User-Agent": _USER_AGENT})
         headers = kind.sign(method, url, headers)  # afresh: S3 signs the time
+        start = body.tell() if hasattr(body, "tell") else None
         try:
             pool, host_header, path = self._route(url, kind.normalize_paths)
-            return _exchange(pool, host_header, method, path, body, headers, size, bound,
-                             deadline, sink)
+            # Each kept-alive connection the host closed is dropped and the
+            # request sent on the next: at most the pool's, then a new one.
+            for fresh in range(_CONNECTIONS_PER_HOST + 1):
+                try:
+                    return _exchange(pool, host_header, method, path, body, headers, size,
+                                     bound, deadline, sink)
+                except _StaleConnection:
+                    if fresh == _CONNECTIONS_PER_HOST or (sink is not None and sink.written):
+                        raise
+                    if start is not None:
+                        body.seek(start)
+            raise AssertionError("unreachable")  # the loop returns or raises
         except (urllib3.exceptions.HTTPError, _WireError, OSError) as exc:
             raise TransportError(method, url, host, exc) from exc
 
