@@ -3554,7 +3554,7 @@ class DistributedStorage(_ReplicationMixin, Storage):
 
         Every host is asked at once and the union of their listings is
         returned, as ``exists()`` takes any host's word. Raises
-        FileNotFoundError when no host has the directory, and
+        FileNotFoundError when no host that answered has the directory, and
         ReplicationError when none could list it.
         """
         directory = path.strip("/")
@@ -3566,11 +3566,11 @@ class DistributedStorage(_ReplicationMixin, Storage):
                   if not result.ok and not isinstance(result.error, FileNotFoundError)]
         failures = self._report("list", directory + "/", failed)
         if not listed:
-            if failures:
+            if len(failed) == len(results):
                 raise ReplicationError("list", directory + "/", failures,
                                        len(results)) from failures[0][1]
-            raise FileNotFoundError(errno.ENOENT, "%s/ not found on any media host"
-                                    % directory, path)
+            raise FileNotFoundError(errno.ENOENT, "%s/ not found on any media host that "
+                                    "lists" % directory, path)
         directories, files = set(), set()
         for result in listed:
             for entry in result.value:
@@ -3777,7 +3777,8 @@ class MediaServer:
                 for key, value in self.require_headers.items()):
             status, payload = 401, b""
         else:
-            status, payload = self._respond(method, path, body, environ.get("HTTP_DEPTH"))
+            depth = (environ.get("HTTP_DEPTH"),) if method == "PROPFIND" else ()
+            status, payload = self._respond(method, path, body, *depth)
         self.log.append((method, path, status))
         reason = _REASONS.get(status, "Status")
         if self.trickle and not payload:

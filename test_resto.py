@@ -968,10 +968,28 @@ def test_open_for_writing_is_refused(storage_class, mode, media_servers, tmp_pat
 def test_distributed_has_no_local_paths(media_servers):
     server, = media_servers(1)
     storage = DistributedStorage(hosts=[server.address])
-    for method, args in [("path", ("a",)), ("listdir", ("",)), ("get_accessed_time", ("a",)),
-                         ("get_created_time", ("a",)), ("get_modified_time", ("a",))]:
+    for method, args in [("path", ("a",)), ("get_accessed_time", ("a",)),
+                         ("get_created_time", ("a",))]:
         with pytest.raises(NotImplementedError):
             getattr(storage, method)(*args)
+
+
+def test_distributed_listdir_and_modified_time_come_from_the_hosts(media_servers):
+    first, second, blind = media_servers(3)
+    blind.listing = False  # cannot list: the others' word stands
+    storage = DistributedStorage(hosts=[first.address, second.address, blind.address])
+    with pytest.raises(FileNotFoundError):
+        storage.listdir("")
+    storage.save("a.txt", ContentFile(b"a"))
+    storage.save("d/b.txt", ContentFile(b"b"))
+    second.files["/media/only-here.txt"] = b"o"
+    assert storage.listdir("") == (["d"], ["a.txt", "only-here.txt"])
+    assert storage.listdir("d/") == ([], ["b.txt"])
+    modified = storage.get_modified_time("a.txt")
+    assert modified.tzinfo is not None
+    assert abs(modified.timestamp() - time.time()) < 5
+    with pytest.raises(FileNotFoundError):
+        storage.get_modified_time("never.txt")
 
 
 def test_distributed_gives_up_when_every_name_is_taken(media_servers):
