@@ -1415,8 +1415,13 @@ _MAX_JSON_ITEM = 64 * 1024
 _MAX_JSON_PAGE = 64 * 1024 * 1024
 
 
+@functools.lru_cache(maxsize=4096)
 def _http_date(text):
-    """Return the seconds since the epoch of an HTTP date (RFC 9110 5.6.7), or None."""
+    """Return the seconds since the epoch of an HTTP date (RFC 9110 5.6.7), or None.
+
+    Kept for the dates seen last: a listing's files share few seconds, and
+    parsing one costs more than the rest of its entry.
+    """
     if not text:
         return None
     try:
@@ -1508,14 +1513,16 @@ class _XMLListingParser(_ListingParser):
     """Parse an XML listing incrementally: one ``record`` element at a time.
 
     Each finished element whose local name is in ``records`` is handed to
-    ``_record()`` and dropped, so memory holds the entries, not the tree.
+    ``_record()`` and emptied, so memory holds the entries and an empty
+    shell per record, not the tree. Only "end" events are asked for: half
+    the events of "start" and "end", the most of a listing's cost.
     """
 
     records = ()
 
     def __init__(self):
         super().__init__()
-        self._parser = xml.etree.ElementTree.XMLPullParser(events=("start", "end"))
+        self._parser = xml.etree.ElementTree.XMLPullParser(events=("end",))
         self._root = None
 
     def _feed(self, data):
@@ -1526,19 +1533,14 @@ class _XMLListingParser(_ListingParser):
             raise _ListingError("not a well-formed XML listing (%s)" % error) from None
 
     def _drain(self):
-        for event, element in self._parser.read_events():
-            if event == "start":
-                if self._root is None:
-                    self._root = element
-                continue
+        records = self.records
+        for _event, element in self._parser.read_events():
             local = element.tag.rpartition("}")[2]
-            if local in self.records:
+            if local in records:
                 self._record(local, element)
                 element.clear()
-                if self._root is not None and element in self._root:
-                    self._root.remove(element)
-            elif element is self._root:
-                self._top(element)
+            else:
+                self._root = element  # the root ends last
 
     def _finish(self):
         try:
@@ -1548,6 +1550,7 @@ class _XMLListingParser(_ListingParser):
             raise _ListingError("not a well-formed XML listing (%s)" % error) from None
         if self._root is None:
             raise _ListingError("an empty listing")
+        self._top(self._root)
 
     def _record(self, local, element):
         raise NotImplementedError
@@ -1579,23 +1582,34 @@ class _WebDAVListingParser(_XMLListingParser):
     def _record(self, local, response):
         if response.tag != "{DAV:}response":
             return
-        href = response.findtext("{DAV:}href")
+        # The children are walked by hand: find() and findtext() cost more
+        # than the rest of an entry.
+        href = None
+        props = {}
+        for child in response:
+            if child.tag == "{DAV:}href":
+                href = child.text
+            elif child.tag == "{DAV:}propstat":
+                status = prop = None
+                for part in child:
+                    if part.tag == "{DAV:}status":
+                        status = part.text
+                    elif part.tag == "{DAV:}prop":
+                        prop = part
+                fields = (status or "").split()
+                if prop is not None and len(fields) > 1 and fields[1] == "200":
+                    for item in prop:
+                        props[item.tag] = item
         if not href:
             return
+        href = href.strip()
         try:
-            path = unquote(urlsplit(href.strip()).path, errors="strict")
+            path = unquote(href if href[:1] == "/" else urlsplit(href).path, errors="strict")
         except (UnicodeDecodeError, ValueError):
             return  # not a name a storage could have written
         name = _segment(path, self._directory)
         if name is None:
             return
-        props = {}
-        for propstat in response.iterfind("{DAV:}propstat"):
-            status = (propstat.findtext("{DAV:}status") or "").split()
-            if len(status) > 1 and status[1] == "200":
-                prop = propstat.find("{DAV:}prop")
-                if prop is not None:
-                    props.update((child.tag, child) for child in prop)
         kind = props.get("{DAV:}resourcetype")
         is_dir = kind is not None and kind.find("{DAV:}collection") is not None
         length = props.get("{DAV:}getcontentlength")
