@@ -87,7 +87,6 @@ import time
 import warnings
 import weakref
 import xml.etree.ElementTree
-import xml.sax.saxutils
 from collections import namedtuple
 from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit, urlunsplit
 
@@ -3976,7 +3975,7 @@ def _multistatus(resources):
                          % email.utils.formatdate(mtime, usegmt=True))
         parts.append("<D:response><D:href>%s</D:href><D:propstat><D:prop>%s</D:prop>"
                      "<D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response>\n"
-                     % (xml.sax.saxutils.escape(quote(path)), "".join(props)))
+                     % (quote(path).replace("&", "&amp;"), "".join(props)))
     parts.append("</D:multistatus>\n")
     return "".join(parts).encode("utf-8")
 

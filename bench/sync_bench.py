@@ -117,8 +117,14 @@ def write_settings(scratch, root, hosts):
 
 
 def run_timed(command, scratch, ok_codes=(0,)):
-    """Run ``command``; return its wall time in seconds, or raise with its output."""
+    """Run ``command``; return its wall time in seconds, or raise with its output.
+
+    Python may cache bytecode, as on any installed system: an environment
+    with PYTHONDONTWRITEBYTECODE would charge each sync run for compiling
+    the module (and rclone is a compiled binary).
+    """
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([scratch, ROOT]))
+    environment.pop("PYTHONDONTWRITEBYTECODE", None)
     started = time.perf_counter()
     result = subprocess.run(command, cwd=scratch, env=environment, capture_output=True,
                             text=True, timeout=900, check=False)
