@@ -2,8 +2,9 @@
 
 django_resto_gevent keeps a Django site's uploaded media files replicated on
 several media servers over plain HTTP (PUT, DELETE, HEAD and GET, as nginx
-serves them with ``dav_methods PUT DELETE``). It is the successor of
-django-resto: switching is a matter of changing the import path.
+serves them with ``dav_methods PUT DELETE``), WebDAV or S3; ``python -m
+django_resto_gevent sync`` repairs them from directory listings. It is the
+successor of django-resto: switching is a matter of changing the import path.
 
 Three storage backends:
 
