@@ -62,7 +62,6 @@ import errno
 import functools
 import hashlib
 import hmac
-import http.client
 import inspect
 import io
 import logging
@@ -434,6 +433,26 @@ class UnexpectedStatusCode(RestoError):
         )
 
 
+class _WireError(Exception):
+    """A request could not be written, or its answer could not be read."""
+
+
+class _UnwritableRequest(_WireError):
+    """A request that must not be sent as it is (trying again cannot help)."""
+
+
+class _AnswerError(_WireError):
+    """An answer that breaks HTTP/1.1's rules, or ends before its end."""
+
+
+class _NotHTTP(_AnswerError):
+    """What answered does not speak HTTP/1.x."""
+
+
+class _NoAnswer(_AnswerError):
+    """The host closed the connection before sending a byte of an answer."""
+
+
 class TransportError(RestoError):
     """A request to a media host failed before a status code came back."""
 
@@ -442,16 +461,14 @@ class TransportError(RestoError):
         self.url = _redact(url)
         self.host = host
         self.reason = reason
-        hint = _reason_hint(reason)
-        super().__init__("%s %s failed: %s%s" % (method, self.url, reason,
-                                                 " " + hint if hint else ""))
+        super().__init__("%s %s failed: %s" % (method, self.url, _with_hint(reason)))
 
     @property
     def retryable(self):
         """False when trying again cannot help: a certificate that fails
         verification, or a request that could not be written."""
         return not (_is_certificate_error(self.reason)
-                    or _find_cause(self.reason, http.client.InvalidURL) is not None)
+                    or _find_cause(self.reason, _UnwritableRequest) is not None)
 
 
 # What usually causes an unexpected status, keyed by (method, status), then
@@ -513,10 +530,10 @@ _REASON_HINTS = (
     (socket.gaierror, "The host name does not resolve: check RESTO_MEDIA_HOSTS and DNS."),
     ((TimeoutError, urllib3.exceptions.TimeoutError),
      "No complete answer within RESTO_TIMEOUT: the host is down, overloaded or far."),
-    # A subclass of BadStatusLine, so before it: the host said nothing at all.
-    (http.client.RemoteDisconnected,
+    # A subclass of _NotHTTP's parent, so first: the host said nothing at all.
+    (_NoAnswer,
      "The host closed the connection without answering: see its error log."),
-    ((http.client.BadStatusLine, http.client.LineTooLong),
+    (_NotHTTP,
      "What answered is not an HTTP/1.x server: check the host, the port and http:// "
      "against https:// in RESTO_MEDIA_HOSTS."),
 )
@@ -528,6 +545,15 @@ def _reason_hint(reason):
         if _find_cause(reason, types) is not None:
             return hint
     return None
+
+
+def _with_hint(reason):
+    """Return ``reason`` as a sentence, followed by what to do about it if known."""
+    text = str(reason).rstrip() or type(reason).__name__
+    if not text.endswith((".", "!", "?")):
+        text += "."
+    hint = _reason_hint(reason)
+    return text + " " + hint if hint else text
 
 
 class ReplicationError(RestoError):
@@ -634,9 +660,16 @@ def _pool_manager(host_count):
         return state["manager"]
 
 
-# A slow but steady transfer is not cut by the deadline: each attempt may take
-# RESTO_TIMEOUT plus one second per this many bytes of body.
+# A slow but steady transfer is not cut by the deadline. An upload may take
+# RESTO_TIMEOUT plus one second per this many bytes of its (known) size; a
+# download earns the same second per this many bytes that actually arrive,
+# never for a length the host merely announces.
 _MIN_TRANSFER_RATE = 1024 * 1024
+
+# However fast the bytes come, one download attempt ends this many seconds
+# after RESTO_TIMEOUT: a host streaming an endless body must not hold a
+# greenlet or a thread for ever. An hour moves 3.5 GiB at the minimum rate.
+_MAX_DOWNLOAD_EXTRA = 3600
 
 # Answers that say "try again": the request did not take effect.
 _RETRY_STATUSES = frozenset((502, 503, 504))
@@ -644,102 +677,74 @@ _RETRY_STATUSES = frozenset((502, 503, 504))
 # First pause before a retry, doubled on each further attempt, with jitter.
 _RETRY_BACKOFF = 0.05
 
-_thread_deadline = threading.local()
 
+class _Deadline:
+    """The moment by which one attempt must end, patched or not.
 
-def _attempt_bound(timeout, size):
-    """Return the seconds one attempt may take to move ``size`` bytes."""
-    return timeout + size / _MIN_TRANSFER_RATE
-
-
-@contextlib.contextmanager
-def _deadline(seconds):
-    """Bound everything in the block to ``seconds``, or raise TimeoutError.
-
-    Where sockets are patched, a gevent.Timeout interrupts the greenlet
-    wherever it waits (DNS included). Elsewhere, the connections of this
-    module's pool manager read the deadline before every send and receive.
+    Every wait of the wire code (connect, send, receive) is bounded by what
+    remains, and the receive loops check it even when bytes keep coming, so
+    a host that never stops sending is cut too. ``earn()`` moves the
+    deadline for bytes received, up to ``seconds + extra``.
     """
-    if _sockets_patched():
-        timer = gevent.Timeout(seconds)
+
+    __slots__ = ("start", "at", "limit")
+
+    def __init__(self, seconds, extra=0):
+        self.start = time.monotonic()
+        self.at = self.start + seconds
+        self.limit = self.at + extra
+
+    def earn(self, count):
+        """Give ``count`` bytes just received the time the minimum rate allows them."""
+        at = self.at + count / _MIN_TRANSFER_RATE
+        self.at = at if at < self.limit else self.limit
+
+    def remaining(self):
+        """Return the seconds left; raise TimeoutError when none are."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise self.passed()
+        return left
+
+    def passed(self):
+        """Return the TimeoutError that says the deadline passed."""
+        return TimeoutError("no complete answer within %.1f seconds" % (self.at - self.start))
+
+    def explain(self, idle_timeout):
+        """Return the TimeoutError to raise for a socket call that timed out."""
+        # A socket timeout was cut to what remained: past (or all but at)
+        # the deadline, that is what the call hit.
+        if self.at - time.monotonic() < 0.01:
+            return self.passed()
+        return TimeoutError("the connection was idle for %.1f seconds" % idle_timeout)
+
+    @contextlib.contextmanager
+    def bounding(self):
+        """Bound a block whose waits this module does not arm (DNS, TLS) by the deadline.
+
+        Where sockets are patched, a gevent.Timeout interrupts the greenlet
+        wherever it waits, name resolution included. Elsewhere each socket
+        call of the block is bounded by its own timeout only.
+        """
+        if not _sockets_patched():
+            yield
+            return
+        timer = gevent.Timeout(self.remaining())
         timer.start()
         try:
             yield
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
-            raise TimeoutError("no complete answer within %.1f seconds" % seconds) from None
+            raise self.passed() from None
         finally:
             timer.close()
-        return
-    previous = getattr(_thread_deadline, "value", None)
-    _thread_deadline.value = time.monotonic() + seconds
-    try:
-        yield
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        if time.monotonic() >= _thread_deadline.value:
-            raise TimeoutError("no complete answer within %.1f seconds" % seconds) from exc
-        raise
-    finally:
-        _thread_deadline.value = previous
 
 
-class _DeadlineSocket:
-    """A blocking socket whose every send and receive ends by the thread's deadline.
-
-    Socket timeouts alone bound each call, so a host trickling one byte at
-    a time could hold a request forever.
-    """
-
-    def __init__(self, sock):
-        self._sock = sock
-        self._timeout = sock.gettimeout()
-
-    def __getattr__(self, name):
-        return getattr(self._sock, name)
-
-    def settimeout(self, value):
-        self._timeout = value
-        self._sock.settimeout(value)
-
-    def gettimeout(self):
-        return self._timeout
-
-    def _arm(self):
-        """Shorten the socket timeout to what remains before the deadline."""
-        deadline = getattr(_thread_deadline, "value", None)
-        if deadline is None:
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("deadline passed")
-        self._sock.settimeout(remaining if self._timeout is None else min(self._timeout, remaining))
-
-    def sendall(self, data, *args):
-        self._arm()
-        return self._sock.sendall(data, *args)
-
-    def send(self, data, *args):
-        self._arm()
-        return self._sock.send(data, *args)
-
-    def recv(self, size, *args):
-        self._arm()
-        return self._sock.recv(size, *args)
-
-    def recv_into(self, buffer, *args):
-        self._arm()
-        return self._sock.recv_into(buffer, *args)
-
-    def makefile(self, mode="r", buffering=None, **kwargs):
-        if mode != "rb":
-            return self._sock.makefile(mode, buffering, **kwargs)
-        # Reads through the file object must come back through _arm().
-        raw = socket.SocketIO(self, "rb")
-        return io.BufferedReader(raw, buffering or io.DEFAULT_BUFFER_SIZE)
-
-    def _decref_socketios(self):
-        """SocketIO calls this on close; the connection closes the socket."""
+def _arm(sock, read_timeout, deadline):
+    """Set the timeout of the next socket call: ``read_timeout``, cut to the deadline."""
+    left = deadline.remaining()
+    sock.settimeout(left if left < read_timeout else read_timeout)
 
 
 # The poll() of the standard library, even where gevent patched select: the
@@ -754,11 +759,6 @@ class _ConnectionMixin:
     Where sockets are not patched, the socket honours the thread's deadline;
     and an idle connection is checked with one real poll().
     """
-
-    def connect(self):
-        super().connect()
-        if not _sockets_patched():
-            self.sock = _DeadlineSocket(self.sock)
 
     @property
     def is_connected(self):
@@ -795,30 +795,6 @@ _POOL_CLASSES = {"http": _HTTPConnectionPool, "https": _HTTPSConnectionPool}
 # Sent with every request, so that a host's access log says who wrote.
 _USER_AGENT = "django-resto-gevent/%s" % __version__
 
-# Bounds on an answer read whole: its status line and headers, and the part
-# of its body kept (an error page; a longer one is cut and its connection
-# dropped). A host sending more is broken, not a reason to use more memory.
-_MAX_ANSWER_HEAD = 64 * 1024
-_MAX_ANSWER_BODY = 1024 * 1024
-
-# Bytes asked of the socket per receive while reading an answer.
-_RECEIVE_SIZE = 16 * 1024
-
-
-class _Answer:
-    """An answer read whole: its status, headers (lower-case names) and body."""
-
-    __slots__ = ("status", "headers", "data", "resto_attempts")
-
-    def __init__(self, status, headers, data):
-        self.status = status
-        self.headers = headers
-        self.data = data
-
-    def close(self):
-        """Nothing to release: the body was read and the connection given back."""
-
-
 # A Host header leaves out the scheme's default port, as browsers and S3 do.
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -849,11 +825,11 @@ def _request_head(method, path, host, headers):
 
     ``host`` is the Host header, unless ``headers`` has one (S3 signs it).
     ``path`` must be encoded already: a space or a control character in it
-    raises http.client.InvalidURL, as http.client does, rather than send a
-    request the host would misread.
+    raises _UnwritableRequest, as http.client would refuse it, rather than
+    send a request the host would misread.
     """
     if _BAD_PATH_CHARACTER.search(path):
-        raise http.client.InvalidURL("the request path %r is not encoded" % path[:200])
+        raise _UnwritableRequest("the request path %r is not encoded" % path[:200])
     lines = ["%s %s HTTP/1.1" % (method, path)]
     if "Host" not in headers:
         lines.append("Host: " + host)
@@ -864,201 +840,432 @@ def _request_head(method, path, host, headers):
     return "\r\n".join(lines).encode("latin-1")
 
 
-def _send_request(sock, head, body, size):
+# Files up to this size are read once into memory and sent from there, with
+# the request's headers.
+_SMALL_BODY = 64 * 1024
+
+
+def _send_request(sock, head, body, size, idle_timeout, deadline):
     """Send ``head``, then ``size`` bytes of ``body`` (bytes, a binary file or None).
 
     A small body leaves with its headers in one send. A file is read from
     its current position in blocks; one that ends early raises
-    http.client.HTTPException instead of leaving the host waiting.
+    _UnwritableRequest instead of leaving the host waiting. Returns False
+    when the host closed the connection before taking the whole request:
+    it may have answered why (a 413 over its size limit, a 401).
     """
-    if body is None:
-        sock.sendall(head)
-        return
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        if len(body) <= _SMALL_BODY:
-            sock.sendall(head + body)
-        else:
+    try:
+        _arm(sock, idle_timeout, deadline)
+        if body is None:
             sock.sendall(head)
-            sock.sendall(body)
-        return
-    sock.sendall(head)
-    remaining = size
-    while remaining > 0:
-        block = body.read(min(_BLOCK_SIZE, remaining))
-        if not block:
-            raise http.client.HTTPException(
-                "the file ended %d bytes short of its size (%d)" % (remaining, size))
-        sock.sendall(block)
-        remaining -= len(block)
+            return True
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            if len(body) <= _SMALL_BODY:
+                sock.sendall(head + body)
+            else:
+                sock.sendall(head)
+                _arm(sock, idle_timeout, deadline)
+                sock.sendall(body)
+            return True
+        sock.sendall(head)
+        remaining = size
+        while remaining > 0:
+            block = body.read(min(_BLOCK_SIZE, remaining))
+            if not block:
+                raise _UnwritableRequest(
+                    "the file ended %d bytes short of its size (%d)" % (remaining, size))
+            _arm(sock, idle_timeout, deadline)
+            sock.sendall(block)
+            remaining -= len(block)
+        return True
+    except OSError as exc:
+        if not isinstance(exc, BrokenPipeError) and exc.errno != errno.ECONNRESET:
+            raise
+        return False
+
+
+# Bounds on an answer: its head (status line and headers), and the part of
+# its body kept when it is not streamed to a file (an error page; a longer
+# one is cut and its connection dropped). A host sending more is broken, not
+# a reason to use more memory.
+_MAX_ANSWER_HEAD = 64 * 1024
+_MAX_ANSWER_BODY = 1024 * 1024
+
+# Interim (1xx) answers skipped before the final one, and trailer lines read
+# after a chunked body: real servers send one or two; a host sending them
+# without end must not hold the request.
+_MAX_INTERIM_ANSWERS = 8
+_MAX_TRAILER_LINES = 32
+
+# Bytes asked of the socket per receive while reading an answer's head.
+_RECEIVE_SIZE = 16 * 1024
+
+# Receives in a row after which a patched process lets other greenlets run: a
+# host whose bytes are always ready would otherwise never let this one yield.
+_YIELD_EVERY = 16
+
+# The grammar of an answer (RFC 9112 section 4, RFC 9110 section 5), as
+# regular expressions over bytes. Strict where the end of a message is
+# decided; a field value may hold any byte but NUL and ASCII white space,
+# with runs of SP or HTAB inside, as h11 accepts, and is trimmed of SP and
+# HTAB only.
+_OWS = rb"[ \t]*"
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_FIELD_VCHAR = rb"[^\x00\s]"
+_FIELD_CONTENT = _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR + rb"+)*"
+# status-line = HTTP-version SP status-code SP [ reason-phrase ]; servers
+# that leave out "SP reason-phrase" are common enough to accept.
+_STATUS_LINE = re.compile(
+    rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: (?:[ \t]|" + _FIELD_VCHAR + rb")*)?")
+# field-line = field-name ":" OWS field-value OWS
+_FIELD_LINE = re.compile(
+    rb"(" + _TOKEN + rb"):" + _OWS + rb"((?:" + _FIELD_CONTENT + rb")?)" + _OWS)
+# obs-fold: a line that starts with SP or HTAB continues the one above it.
+_OBS_FOLD = re.compile(rb"[ \t]+")
+# Content-Length = 1*DIGIT; more than 20 digits is no file size.
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
+# chunk-size [ chunk-ext ], before its CRLF: the extensions are ignored, and
+# blanks before the CRLF tolerated, as some servers send them.
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?" + _OWS)
+# The end of a head: an empty line, after CRLF or a bare LF.
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+class _Answer:
+    """An answer: its status, headers (lower-case names) and body.
+
+    ``data`` is the body, unless it went to a file; ``complete`` says the
+    end of the answer was read; ``reusable`` that its connection may carry
+    the next request.
+    """
+
+    __slots__ = ("status", "headers", "data", "complete", "reusable", "resto_attempts")
+
+    def __init__(self, status, headers, data, complete=True, reusable=False):
+        self.status = status
+        self.headers = headers
+        self.data = data
+        self.complete = complete
+        self.reusable = reusable
+
+
+class _KeptBody:
+    """The body of an answer kept in memory, up to _MAX_ANSWER_BODY bytes."""
+
+    __slots__ = ("parts", "room")
+
+    def __init__(self):
+        self.parts = []
+        self.room = _MAX_ANSWER_BODY
+
+    def write(self, data):
+        """Keep ``data``; return False once the body is over its bound (it is cut there)."""
+        if len(data) > self.room:
+            self.parts.append(data[:self.room])
+            self.room = 0
+            return False
+        self.parts.append(data)
+        self.room -= len(data)
+        return True
+
+
+class _Sink:
+    """A binary file a body streams to, counting the bytes written."""
+
+    __slots__ = ("_file", "written")
+
+    def __init__(self, file):
+        self._file = file
+        self.written = 0
+
+    def write(self, data):
+        """Write ``data`` to the file; always room for more."""
+        self._file.write(data)
+        self.written += len(data)
+        return True
 
 
 class _AnswerReader:
-    """Read one HTTP/1.1 answer from a socket, in bounded memory.
+    """Read one answer from a socket, by RFC 9112's rules for a client.
 
-    http.client parses headers through the email package, which cost about
-    a fifth of a small request's client CPU (issue #5): an answer to PUT,
-    HEAD, DELETE or MKCOL needs its status, a few headers and a short body.
-    Malformed answers raise http.client's own exceptions.
+    One reader per framing of the body (no body, Content-Length, chunked,
+    to the end of the connection), chosen from the final head. Every
+    receive is bounded by the deadline; memory by _MAX_ANSWER_HEAD and,
+    for a kept body, _MAX_ANSWER_BODY. ``lenient`` records whether something
+    RFC 9112 only tolerates was accepted (a bare LF line end, a folded
+    header line): the connection is then not reused.
     """
 
-    __slots__ = ("_sock", "_buffer")
+    __slots__ = ("_sock", "_read_timeout", "_deadline", "_buffer", "_receives", "_patched",
+                 "lenient")
 
-    def __init__(self, sock):
+    def __init__(self, sock, read_timeout, deadline):
         self._sock = sock
+        self._read_timeout = read_timeout
+        self._deadline = deadline
         self._buffer = bytearray()
+        self._receives = 0
+        self._patched = _sockets_patched()
+        self.lenient = False
+
+    def _recv(self, size):
+        """Return one receive of at most ``size`` bytes, within the deadline; b"" at the end."""
+        _arm(self._sock, self._read_timeout, self._deadline)
+        data = self._sock.recv(size)
+        self._deadline.earn(len(data))
+        self._receives += 1
+        if self._patched and not self._receives % _YIELD_EVERY:
+            gevent.sleep(0)
+        return data
 
     def _receive(self):
-        """Append what the socket has to the buffer; False at the end of the stream."""
-        data = self._sock.recv(_RECEIVE_SIZE)
+        """Append one receive to the buffer; False at the end of the stream."""
+        data = self._recv(_RECEIVE_SIZE)
         self._buffer += data
         return bool(data)
 
-    def _until(self, separator, limit, what):
-        """Return the bytes before ``separator`` (consumed), at most ``limit`` of them."""
-        start = 0
-        while True:
-            end = self._buffer.find(separator, start)
-            if end >= 0:
-                text = bytes(self._buffer[:end])
-                del self._buffer[:end + len(separator)]
-                return text
-            if len(self._buffer) > limit:
-                raise http.client.LineTooLong(what)
-            start = max(0, len(self._buffer) - len(separator) + 1)
-            if not self._receive():
-                if self._buffer:
-                    raise http.client.IncompleteRead(bytes(self._buffer))
-                raise http.client.RemoteDisconnected(
-                    "the host closed the connection without an answer")
-
-    def _exactly(self, count):
-        """Return the next ``count`` bytes."""
-        while len(self._buffer) < count:
-            if not self._receive():
-                raise http.client.IncompleteRead(bytes(self._buffer), count - len(self._buffer))
+    def _next_bytes(self, count):
+        """Return 1 to ``count`` bytes, buffered ones first; b"" at the end of the stream."""
+        if not self._buffer:
+            return self._recv(count)
         data = bytes(self._buffer[:count])
         del self._buffer[:count]
         return data
 
-    def head(self):
-        """Return (version, status, headers) of the final answer, skipping 1xx ones."""
-        while True:
-            lines = self._until(b"\r\n\r\n", _MAX_ANSWER_HEAD, "answer headers")
-            lines = lines.decode("latin-1").split("\r\n")
-            version, _, rest = lines[0].partition(" ")
-            code = rest[:3]
-            if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
-                raise http.client.BadStatusLine("not an HTTP/1.x status line: %r" % lines[0][:100])
-            status = int(code)
-            if 100 <= status < 200:
-                continue  # 100 Continue, 103 Early Hints: the answer follows
-            headers = {}
-            name = None
-            for line in lines[1:]:
-                if line[:1] in (" ", "\t") and name is not None:
-                    # An obsolete folded line continues the header above it.
-                    headers[name] += " " + line.strip()
-                    continue
-                name, colon, value = line.partition(":")
-                if not colon:
-                    raise http.client.HTTPException("malformed header line %r" % line[:100])
-                name = name.strip().lower()
-                value = value.strip()
-                headers[name] = headers[name] + ", " + value if name in headers else value
-            return version, status, headers
+    def _lines(self, what):
+        """Return the lines up to the next empty one, their ends removed.
 
-    def body(self, headers):
-        """Return (body, complete): a body up to _MAX_ANSWER_BODY, read whole if it fits."""
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return self._chunked()
-        length = headers.get("content-length")
-        if length is not None:
-            if "," in length and len(set(length.replace(" ", "").split(","))) == 1:
-                length = length.split(",")[0].strip()  # the same length, repeated
-            if not length.isdigit():
-                raise http.client.HTTPException("bad Content-Length %r" % length[:100])
-            length = int(length)
-            if length > _MAX_ANSWER_BODY:
-                return bytes(self._buffer[:_MAX_ANSWER_BODY]), False
-            return self._exactly(length), True
-        # No length: the body ends with the connection.
-        while len(self._buffer) <= _MAX_ANSWER_BODY and self._receive():
-            pass
-        return bytes(self._buffer[:_MAX_ANSWER_BODY]), False
-
-    def _chunked(self):
-        """Return (body, complete) of a chunked body, its trailers skipped."""
-        parts = []
-        kept = 0
+        An empty line first gives no lines. A bare LF ends a line too
+        (RFC 9112 section 2.2 allows a recipient that), leniently.
+        """
+        start = 0
         while True:
-            line = self._until(b"\r\n", _MAX_ANSWER_HEAD, "chunk size")
-            size = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size, 16)
-            except ValueError:
-                raise http.client.HTTPException("bad chunk size %r" % line[:100]) from None
-            if size == 0:
+            if self._buffer[:1] == b"\n" or self._buffer[:2] == b"\r\n":
+                self.lenient |= self._buffer[:1] == b"\n"
+                del self._buffer[:1 if self._buffer[:1] == b"\n" else 2]
+                return []
+            found = _HEAD_END.search(self._buffer, start)
+            if found is not None:
+                lines = bytes(self._buffer[:found.end()]).split(b"\n")
+                del self._buffer[:found.end()]
+                del lines[-1]  # what follows the last LF: nothing
+                for index, line in enumerate(lines):
+                    if line.endswith(b"\r"):
+                        lines[index] = line[:-1]
+                    else:
+                        self.lenient = True
+                return lines[:-1]  # the empty line
+            if len(self._buffer) > _MAX_ANSWER_HEAD:
+                raise _NotHTTP("%s over %d bytes" % (what, _MAX_ANSWER_HEAD))
+            start = max(0, len(self._buffer) - 2)
+            if not self._receive():
+                if self._buffer:
+                    raise _AnswerError("the connection ended in the %s, after %r"
+                                       % (what, bytes(self._buffer[-60:])))
+                raise _NoAnswer("the host closed the connection without an answer")
+
+    def _line(self, what):
+        """Return the next line ending with CRLF, without its end."""
+        start = 0
+        while True:
+            end = self._buffer.find(b"\r\n", start)
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[:end + 2]
+                return line
+            if len(self._buffer) > _MAX_ANSWER_HEAD:
+                raise _AnswerError("%s over %d bytes" % (what, _MAX_ANSWER_HEAD))
+            start = max(0, len(self._buffer) - 1)
+            if not self._receive():
+                raise _AnswerError("the connection ended in a %s" % what)
+
+    def _fields(self, lines):
+        """Return (headers, length, chunked, close): the headers of ``lines`` and their framing.
+
+        Obsolete folded lines are joined to the one above with a space, as
+        RFC 9112 section 5.2 asks of a user agent. Content-Length must be
+        digits (a list or repeats of one value allowed); Transfer-Encoding
+        must be "chunked" alone; having both is an error, never a guess.
+        """
+        joined = []
+        for line in lines:
+            fold = _OBS_FOLD.match(line)
+            if fold is None:
+                joined.append(line)
+                continue
+            if not joined:
+                raise _AnswerError("a folded line before the first header line: %r"
+                                   % line[:100])
+            self.lenient = True
+            joined[-1] = joined[-1] + b" " + line[fold.end():]
+        headers = {}
+        length = None
+        chunked = close = False
+        for line in joined:
+            field = _FIELD_LINE.fullmatch(line)
+            if field is None:
+                raise _AnswerError("malformed header line %r" % line[:100])
+            name, value = field.groups()
+            name = name.lower()
+            if name == b"content-length":
+                values = {part.strip(b" \t") for part in value.split(b",")}
+                if length is not None:
+                    values.add(length)
+                if len(values) != 1:
+                    raise _AnswerError("conflicting Content-Length values %r" % value[:100])
+                length = values.pop()
+                if not _CONTENT_LENGTH.fullmatch(length):
+                    raise _AnswerError("bad Content-Length %r" % value[:100])
+            elif name == b"transfer-encoding":
+                if chunked or value.lower() != b"chunked":
+                    raise _AnswerError("Transfer-Encoding %r: only one 'chunked' is accepted"
+                                       % value[:100])
+                chunked = True
+            elif name == b"connection":
+                close |= b"close" in [token.strip(b" \t").lower() for token in value.split(b",")]
+            key = name.decode("ascii")
+            value = value.decode("latin-1")
+            headers[key] = headers[key] + ", " + value if key in headers else value
+        if chunked and length is not None:
+            raise _AnswerError("both Content-Length and Transfer-Encoding: the end of the "
+                               "answer is ambiguous (RFC 9112 section 6.3)")
+        return headers, None if length is None else int(length), chunked, close
+
+    def read(self, method, sink=None):
+        """Return the _Answer to a request of ``method``, skipping interim (1xx) answers.
+
+        The body of a 200 answer to GET goes to ``sink`` when there is one;
+        any other is kept, up to _MAX_ANSWER_BODY.
+        """
+        for _interim in range(_MAX_INTERIM_ANSWERS + 1):
+            lines = self._lines("answer head")
+            if not lines:
+                raise _NotHTTP("an empty line where the status line should be")
+            status_line = _STATUS_LINE.fullmatch(lines[0])
+            if status_line is None or status_line.group(1) != b"1":
+                raise _NotHTTP("not an HTTP/1.x status line: %r"
+                               % lines[0][:100].decode("latin-1"))
+            status = int(status_line.group(3))
+            if status < 100:
+                raise _NotHTTP("status %03d is not an HTTP status" % status)
+            headers, length, chunked, close = self._fields(lines[1:])
+            if status == 101:
+                raise _AnswerError("101 Switching Protocols, to a request that asked for "
+                                   "no upgrade")
+            if status >= 200:
                 break
-            if kept + size > _MAX_ANSWER_BODY:
-                return b"".join(parts), False
-            parts.append(self._exactly(size))
-            kept += size
-            self._exactly(2)  # the CRLF after the chunk
-        while self._until(b"\r\n", _MAX_ANSWER_HEAD, "trailer"):
-            pass  # trailer lines, up to the empty one
-        return b"".join(parts), True
+        else:
+            raise _AnswerError("more than %d interim (1xx) answers" % _MAX_INTERIM_ANSWERS)
+        keep_alive = status_line.group(2) != b"0" and not close
+        streamed = sink is not None and method == "GET" and status == 200
+        body = (sink if isinstance(sink, _Sink) else _Sink(sink)) if streamed else _KeptBody()
+        if method == "HEAD" or status in (204, 304):
+            complete = True  # no body, whatever Content-Length says
+        elif chunked:
+            complete = self._chunked(body)
+        elif length is not None:
+            complete = self._counted(length, body)
+        else:
+            complete = self._until_closed(body)
+            keep_alive = False
+        data = b"" if streamed else b"".join(body.parts)
+        reusable = complete and keep_alive and not self.lenient and not self._buffer
+        return _Answer(status, headers, data, complete, reusable)
 
-    @property
-    def drained(self):
-        """True when nothing beyond the answer was received."""
-        return not self._buffer
+    def _counted(self, length, body):
+        """Read a body of ``length`` bytes into ``body``; False if it was cut."""
+        remaining = length
+        while remaining:
+            data = self._next_bytes(remaining if remaining < _BLOCK_SIZE else _BLOCK_SIZE)
+            if not data:
+                raise _AnswerError("the connection ended %d bytes before the end of a "
+                                   "%d-byte body" % (remaining, length))
+            remaining -= len(data)
+            if not body.write(data):
+                return False
+        return True
+
+    def _chunked(self, body):
+        """Read a chunked body into ``body``, its trailers checked and dropped; False if cut."""
+        while True:
+            line = self._line("chunk-size line")
+            size = _CHUNK_LINE.fullmatch(line)
+            if size is None:
+                raise _AnswerError("bad chunk-size line %r" % line[:100])
+            size = int(size.group(1), 16)
+            if not size:
+                break
+            if not self._counted(size, body):
+                return False
+            # Checked byte by byte: a wrong first byte fails without waiting.
+            while (len(self._buffer) < 2 and self._buffer == b"\r\n"[:len(self._buffer)]
+                   and self._receive()):
+                pass
+            if self._buffer[:2] != b"\r\n":
+                raise _AnswerError("a chunk's data is followed by %r, not CRLF"
+                                   % bytes(self._buffer[:2]))
+            del self._buffer[:2]
+        trailers = self._lines("trailer section")
+        if len(trailers) > _MAX_TRAILER_LINES:
+            raise _AnswerError("more than %d trailer lines" % _MAX_TRAILER_LINES)
+        self._fields(trailers)  # checked as headers are, then dropped
+        return True
+
+    def _until_closed(self, body):
+        """Read a body that ends with the connection into ``body``; False if cut."""
+        while True:
+            data = self._next_bytes(_BLOCK_SIZE)
+            if not data:
+                return True
+            if not body.write(data):
+                return False
 
 
-def _exchange(pool, host, method, path, body, headers, size, connect_timeout, read_timeout):
-    """Send one request on a kept-alive connection of ``pool``; return the whole _Answer.
+def _read_answer(sock, method, deadline, read_timeout, sink=None):
+    """Read the answer to a request of ``method`` from ``sock``; return an _Answer.
 
-    urllib3's pool still owns the connections: it opens them (TLS and its
-    checks included), keeps them and drops those the host closed. The
-    request and its answer are written and read here: for a small file,
-    urllib3's and http.client's layers cost more client CPU than the rest
-    of the exchange (issue #5). ``host`` is the Host header.
+    Raises _AnswerError when the answer breaks the rules or ends early, and
+    OSError (TimeoutError past the deadline) when the socket fails.
+    """
+    return _AnswerReader(sock, read_timeout, deadline).read(method, sink)
+
+
+def _exchange(pool, host, method, path, body, headers, size, idle_timeout, deadline,
+              sink=None):
+    """Send one request on a kept-alive connection of ``pool``; return its _Answer.
+
+    urllib3's pool owns the connections: it opens them (TLS and its checks
+    included), keeps them and drops those the host closed. The request and
+    its answer are written and read here, for every method: for a small
+    file, urllib3's and http.client's layers cost more client CPU than the
+    rest of the exchange (issue #5), and one reader means one set of rules.
+    ``host`` is the Host header. The connection goes back to the pool only
+    after an answer whose end was unambiguous and read whole, with nothing
+    left over; any other is closed.
     """
     head = _request_head(method, path, host, headers)  # checked before any connection
     connection = pool._get_conn()
     try:
         if connection.sock is None:
-            connection.timeout = connect_timeout
-            connection.connect()
-        # After a large body, the answer may wait for the host to drain the
-        # socket buffers: a read may take the whole bound. The deadline
-        # still ends a host that trickles.
-        sock = connection.sock
-        sock.settimeout(read_timeout)
-        sent = True
-        try:
-            _send_request(sock, head, body, size)
-        except OSError as exc:
-            # A host may answer and close before taking the whole body (a 413
-            # over its size limit, a 401): that answer says why, so read it.
-            if not isinstance(exc, BrokenPipeError) and exc.errno != errno.ECONNRESET:
-                raise
-            sent = False
-        reader = _AnswerReader(sock)
-        version, status, headers = reader.head()
-        if method == "HEAD" or status in (204, 304):
-            data, complete = b"", True
-        else:
-            data, complete = reader.body(headers)
-        reusable = (sent and complete and reader.drained and version == "HTTP/1.1"
-                    and "close" not in headers.get("connection", "").lower())
-        if not reusable:
+            connection.timeout = min(idle_timeout, deadline.remaining())
+            with deadline.bounding():
+                connection.connect()
+        sent = _send_request(connection.sock, head, body, size, idle_timeout, deadline)
+        answer = _read_answer(connection.sock, method, deadline, idle_timeout, sink)
+        if not sent and 200 <= answer.status < 300:
+            raise _AnswerError("the host answered %d before it took the whole request"
+                               % answer.status)
+        if not (sent and answer.reusable):
             connection.close()
+    except TimeoutError as exc:
+        connection.close()
+        raise deadline.explain(idle_timeout) from exc
     except BaseException:
         connection.close()  # half a request or answer: never reuse it
         raise
     finally:
         pool._put_conn(connection)
-    return _Answer(status, headers, data)
+    return answer
 
 
 # AWS Signature Version 4, for the S3 hosts: written from AWS's description
@@ -1289,30 +1496,13 @@ class DefaultTransport:
         bytes written; raises ``FileNotFoundError`` on 404 or 410.
         """
         url = self.url(host, name)
-        response = self._request("GET", url, host, preload_content=False)
-        if response.status != 200:
-            # An error body is not worth reading: close the connection.
-            response.close()
-            if response.status in (404, 410):
-                raise _not_found(name, host)
-            raise self._unexpected("GET", url, host, response.status, (200,))
-        try:
-            length = response.headers.get("Content-Length", "")
-            bound = _attempt_bound(self.timeout, int(length) if length.isdigit() else 0)
-            written = 0
-            with _deadline(bound):
-                for block in response.stream(_BLOCK_SIZE):
-                    destination.write(block)
-                    written += len(block)
-            response.release_conn()
-            return written
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            # A half-read connection cannot be reused: close it.
-            response.close()
-            raise TransportError("GET", url, host, exc) from exc
-        except BaseException:
-            response.close()
-            raise
+        sink = _Sink(destination)
+        answer = self._request("GET", url, host, sink=sink)
+        if answer.status == 200:
+            return sink.written
+        if answer.status in (404, 410):
+            raise _not_found(name, host)
+        raise self._unexpected("GET", url, host, answer.status, (200,), answer.data)
 
     def exists(self, host, name):
         """HEAD ``name`` on ``host``: True on 200, False on 404 or 410."""
@@ -1483,13 +1673,13 @@ class DefaultTransport:
                                       endpoint.region or self.s3_region))
         return headers
 
-    def _request(self, method, url, host, body=None, headers=None, preload_content=True,
-                 size=0):
-        """Send a request, retrying what may be retried; return the response.
+    def _request(self, method, url, host, body=None, headers=None, size=0, sink=None):
+        """Send a request, retrying what may be retried; return its _Answer.
 
-        Every attempt is bounded in time. The response's ``resto_attempts``
-        says how many attempts it took. Raises TransportError when the last
-        attempt got no answer.
+        Every attempt is bounded in time. The answer's ``resto_attempts``
+        says how many attempts it took. A GET whose 200 body streams to
+        ``sink`` (a _Sink) is not tried again once bytes were written there.
+        Raises TransportError when the last attempt got no answer.
         """
         attempts = 1 + self.retries
         start = body.tell() if hasattr(body, "tell") else None
@@ -1499,46 +1689,38 @@ class DefaultTransport:
                     body.seek(start)  # the body is sent again from its start
                 time.sleep(_RETRY_BACKOFF * 2 ** (attempt - 2) * random.uniform(0.5, 1.5))
             try:
-                response = self._attempt(method, url, host, body, headers, preload_content, size)
+                answer = self._attempt(method, url, host, body, headers, size, sink)
             except TransportError as error:
-                if attempt == attempts or not error.retryable:
+                if (attempt == attempts or not error.retryable
+                        or (sink is not None and sink.written)):
                     raise
                 logger.info("Retrying %s %s on %s.", method, _redact(url), host)
                 continue
-            if response.status in _RETRY_STATUSES and attempt < attempts:
-                response.close()  # a streamed answer's connection is not reused
+            if answer.status in _RETRY_STATUSES and attempt < attempts:
                 logger.info("Retrying %s %s on %s after %d.", method, _redact(url), host,
-                            response.status)
+                            answer.status)
                 continue
-            response.resto_attempts = attempt
-            return response
+            answer.resto_attempts = attempt
+            return answer
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def _attempt(self, method, url, host, body, headers, preload_content, size):
-        """Send one request within its deadline; wrap failures in TransportError."""
-        bound = _attempt_bound(self.timeout, size)
+    def _attempt(self, method, url, host, body, headers, size, sink):
+        """Send one request within its deadline; wrap failures in TransportError.
+
+        An upload may take RESTO_TIMEOUT plus a second per MiB of its size; a
+        download earns a second per MiB that arrives, up to
+        _MAX_DOWNLOAD_EXTRA. A single wait never exceeds that bound either.
+        """
+        bound = self.timeout + size / _MIN_TRANSFER_RATE
+        deadline = _Deadline(bound, _MAX_DOWNLOAD_EXTRA if sink is not None else 0)
         headers = dict(headers or (), **{"User-Agent": _USER_AGENT})
         headers = self._sign(method, url, host, headers)  # afresh: S3 signs the time
         try:
             # S3 signs the path as it is: its dot segments must stay.
             pool, host_header, path = self._route(url, normalize=not self._is_s3(host))
-            with _deadline(bound):
-                if preload_content:
-                    return _exchange(pool, host_header, method, path, body, headers, size,
-                                     self.timeout, bound)
-                return pool.urlopen(
-                    method,
-                    path,
-                    body=body,
-                    headers=headers,
-                    # As in _exchange(): the read may take the whole bound.
-                    timeout=urllib3.Timeout(connect=self.timeout, read=bound),
-                    retries=False,
-                    redirect=False,
-                    assert_same_host=False,
-                    preload_content=False,
-                )
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+            return _exchange(pool, host_header, method, path, body, headers, size, bound,
+                             deadline, sink)
+        except (urllib3.exceptions.HTTPError, _WireError, OSError) as exc:
             raise TransportError(method, url, host, exc) from exc
 
     def _route(self, url, normalize=True):
@@ -1698,10 +1880,6 @@ class _PositionalReader:
 # Uploads of Distributed storage up to this size are kept in memory and sent
 # to every host from one buffer; larger ones are spooled to one temporary file.
 _MEMORY_SPOOL_LIMIT = 1024 * 1024
-
-
-# Files up to this size are read once into memory and sent from there.
-_SMALL_BODY = 64 * 1024
 
 
 class _Payload:
@@ -3208,9 +3386,7 @@ def _explain(error):
     if isinstance(error, UnexpectedStatusCode):
         return error.hint or "%s answered %d" % (error.method, error.status)
     if isinstance(error, TransportError):
-        hint = _reason_hint(error.reason)
-        return "%s got no answer: %s%s" % (error.method, error.reason,
-                                            " " + hint if hint else "")
+        return "%s got no answer: %s" % (error.method, _with_hint(error.reason))
     return str(error)
 
 
@@ -3220,7 +3396,7 @@ def _check_public_url(storage, transport, name, data):
     if not url.startswith(("http://", "https://")):
         return "not fetched (MEDIA_URL is a path; set an absolute base_url to check it)"
     try:
-        with _deadline(transport.timeout):
+        with _Deadline(transport.timeout).bounding():
             response = _pool_manager(1).request(
                 "GET", url, timeout=transport.timeout, retries=False, redirect=3)
     except (urllib3.exceptions.HTTPError, OSError) as error:

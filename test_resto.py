@@ -657,9 +657,10 @@ def test_a_connection_the_answer_ends_is_not_reused(answer, canned_host):
     (b"HTTP/1.1 2OO OK\r\n\r\n", "not an HTTP/1.x status line"),
     (b"HTTP/1.1 201 Created\r\nno colon here\r\n\r\n", "malformed header"),
     (b"HTTP/1.1 201 Created\r\nContent-Length: lots\r\n\r\n", "bad Content-Length"),
-    (b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
-    (b"HTTP/1.1 201 Created\r\nContent-Length: 10\r\n\r\nshort", "IncompleteRead"),
-    (b"HTTP/1.1 201 Created\r\nX-Junk: " + b"j" * 100_000, "answer headers"),
+    (b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk-size line"),
+    (b"HTTP/1.1 201 Created\r\nContent-Length: 10\r\n\r\nshort",
+     "ended 5 bytes before the end of a 10-byte body"),
+    (b"HTTP/1.1 201 Created\r\nX-Junk: " + b"j" * 100_000, "answer head over 65536 bytes"),
     (b"", "without an answer"),
 ])
 def test_a_malformed_answer_is_a_transport_error(answer, error, canned_host):
