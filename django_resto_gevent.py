@@ -82,6 +82,7 @@ import threading
 import time
 import warnings
 import weakref
+import xml.etree.ElementTree
 from collections import namedtuple
 from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit, urlunsplit
 
@@ -610,8 +611,10 @@ def _redact(url):
 
 
 ###############################################################################
-# Transport
+# Wire
 ###############################################################################
+
+# --- Wire: connections -------------------------------------------------------
 
 # Sending in blocks of 256 KiB costs far less CPU per MiB than urllib3's
 # 16 KiB default, and still keeps memory constant.
@@ -624,6 +627,47 @@ _CONNECTIONS_PER_HOST = 32
 # PoolManager keeps one connection pool per host; with fewer pools than hosts
 # it would throw connections away on every save.
 _MIN_POOLS = 16
+
+# The poll() of the standard library, even where gevent patched select: the
+# check of an idle connection must not wait, so a trip through gevent's hub
+# buys nothing and costs more than the rest of the check.
+_real_poll = monkey.get_original("select", "poll") if hasattr(select, "poll") else None
+
+
+class _ConnectionMixin:
+    """Check an idle connection of this module's pools with one real poll()."""
+
+    @property
+    def is_connected(self):
+        """Tell whether the socket is open and the host has not closed it."""
+        if self.sock is None:
+            return False
+        if _real_poll is None:
+            return super().is_connected
+        poller = _real_poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        # An idle connection has nothing to read: readable means EOF or junk.
+        return not poller.poll(0)
+
+
+class _HTTPConnection(_ConnectionMixin, urllib3.connection.HTTPConnection):
+    """An HTTP connection of this module's pools."""
+
+
+class _HTTPSConnection(_ConnectionMixin, urllib3.connection.HTTPSConnection):
+    """An HTTPS connection of this module's pools."""
+
+
+class _HTTPConnectionPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSConnectionPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+_POOL_CLASSES = {"http": _HTTPConnectionPool, "https": _HTTPSConnectionPool}
+
 
 _pool_lock = threading.Lock()
 _pool_state = {"key": None, "manager": None, "num_pools": 0}
@@ -660,6 +704,42 @@ def _pool_manager(host_count):
         return state["manager"]
 
 
+# Where gevent patched ssl after urllib3 was imported, urllib3 still builds its
+# TLS contexts from the original SSLContext class, whose options setter looks
+# up SSLContext in the ssl module, finds gevent's subclass and calls itself
+# until RecursionError (gevent issue #1016). gunicorn -k gevent --preload does
+# this: the master imports the application, the worker patches after fork().
+_LATE_SSL_PATCH = (
+    "gevent patched the ssl module after urllib3 had imported it, so HTTPS requests "
+    "to the media hosts would fail with RecursionError (gevent issue #1016). "
+    "gunicorn --preload with gevent workers does this: the application is loaded "
+    "before the worker patches. Patch first, at the top of gunicorn.conf.py (from "
+    "gevent import monkey; monkey.patch_all()), or do not use --preload. Elsewhere, "
+    "patch first thing in the script that starts the process."
+)
+
+# (process id and whether ssl is patched, verdict): one tuple, replaced whole.
+_late_ssl_verdict = [(None, False)]
+
+
+def _check_ssl_patched_in_time():
+    """Raise ImproperlyConfigured where urllib3 holds the SSLContext gevent replaced.
+
+    The verdict is kept per process and patching state: after the first
+    call this costs a process id and a comparison.
+    """
+    key = (os.getpid(), monkey.is_module_patched("ssl"))
+    known, late = _late_ssl_verdict[0]
+    if known != key:
+        late = key[1] and (urllib3.util.ssl_.SSLContext
+                           is monkey.get_original("ssl", "SSLContext"))
+        _late_ssl_verdict[0] = (key, late)
+    if late:
+        raise ImproperlyConfigured(_LATE_SSL_PATCH)
+
+
+# --- Wire: deadlines ---------------------------------------------------------
+
 # A slow but steady transfer is not cut by the deadline. An upload may take
 # RESTO_TIMEOUT plus one second per this many bytes of its (known) size; a
 # download earns the same second per this many bytes that actually arrive,
@@ -670,13 +750,6 @@ _MIN_TRANSFER_RATE = 1024 * 1024
 # after RESTO_TIMEOUT: a host streaming an endless body must not hold a
 # greenlet or a thread for ever. An hour moves 3.5 GiB at the minimum rate.
 _MAX_DOWNLOAD_EXTRA = 3600
-
-# Answers that say "try again": the request did not take effect.
-_RETRY_STATUSES = frozenset((502, 503, 504))
-
-# First pause before a retry, doubled on each further attempt, with jitter.
-_RETRY_BACKOFF = 0.05
-
 
 class _Deadline:
     """The moment by which one attempt must end, patched or not.
@@ -708,7 +781,9 @@ class _Deadline:
 
     def passed(self):
         """Return the TimeoutError that says the deadline passed."""
-        return TimeoutError("no complete answer within %.1f seconds" % (self.at - self.start))
+        # Rounded first: start + 0.55 - start is not quite 0.55.
+        seconds = round(self.at - self.start, 6)
+        return TimeoutError("no complete answer within %.1f seconds" % seconds)
 
     def explain(self, idle_timeout):
         """Return the TimeoutError to raise for a socket call that timed out."""
@@ -747,50 +822,7 @@ def _arm(sock, read_timeout, deadline):
     sock.settimeout(left if left < read_timeout else read_timeout)
 
 
-# The poll() of the standard library, even where gevent patched select: the
-# check of an idle connection must not wait, so a trip through gevent's hub
-# buys nothing and costs more than the rest of the check.
-_real_poll = monkey.get_original("select", "poll") if hasattr(select, "poll") else None
-
-
-class _ConnectionMixin:
-    """What this module's connections add to urllib3's.
-
-    Where sockets are not patched, the socket honours the thread's deadline;
-    and an idle connection is checked with one real poll().
-    """
-
-    @property
-    def is_connected(self):
-        """Tell whether the socket is open and the host has not closed it."""
-        if self.sock is None:
-            return False
-        if _real_poll is None:
-            return super().is_connected
-        poller = _real_poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        # An idle connection has nothing to read: readable means EOF or junk.
-        return not poller.poll(0)
-
-
-class _HTTPConnection(_ConnectionMixin, urllib3.connection.HTTPConnection):
-    """An HTTP connection of this module's pools."""
-
-
-class _HTTPSConnection(_ConnectionMixin, urllib3.connection.HTTPSConnection):
-    """An HTTPS connection of this module's pools."""
-
-
-class _HTTPConnectionPool(urllib3.connectionpool.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
-
-
-class _HTTPSConnectionPool(urllib3.connectionpool.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
-
-
-_POOL_CLASSES = {"http": _HTTPConnectionPool, "https": _HTTPSConnectionPool}
-
+# --- Wire: requests ----------------------------------------------------------
 
 # Sent with every request, so that a host's access log says who wrote.
 _USER_AGENT = "django-resto-gevent/%s" % __version__
@@ -818,6 +850,14 @@ _BAD_PATH_CHARACTER = re.compile("[\\x00-\\x20\\x7f-\\U0010ffff]")
 # Characters a path keeps as they are when it is encoded (RFC 3986 pchar and
 # "/", plus "%" so that escapes already there are not encoded twice).
 _PATH_SAFE = "/%!$&'()*+,;=:@~"
+
+
+def _split_origin(url):
+    """Return ``scheme://netloc`` and the rest (``/path?query``) of an absolute URL."""
+    end = url.find("/", url.index("//") + 2)
+    if end < 0:
+        return url, "/"
+    return url[:end], url[end:]
 
 
 def _request_head(method, path, host, headers):
@@ -884,6 +924,8 @@ def _send_request(sock, head, body, size, idle_timeout, deadline):
         return False
 
 
+# --- Wire: answers -----------------------------------------------------------
+
 # Bounds on an answer: its head (status line and headers), and the part of
 # its body kept when it is not streamed to a file (an error page; a longer
 # one is cut and its connection dropped). A host sending more is broken, not
@@ -905,46 +947,54 @@ _RECEIVE_SIZE = 16 * 1024
 _YIELD_EVERY = 16
 
 # The grammar of an answer (RFC 9112 section 4, RFC 9110 section 5), as
-# regular expressions over bytes. Strict where the end of a message is
-# decided; a field value may hold any byte but NUL and ASCII white space,
-# with runs of SP or HTAB inside, as h11 accepts, and is trimmed of SP and
-# HTAB only.
-_OWS = rb"[ \t]*"
-_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
-_FIELD_VCHAR = rb"[^\x00\s]"
-_FIELD_CONTENT = _FIELD_VCHAR + rb"+(?:[ \t]+" + _FIELD_VCHAR + rb"+)*"
+# regular expressions over the head decoded as Latin-1. Strict where the end
+# of a message is decided; a field value may hold any character but NUL and
+# ASCII white space, with runs of SP or HTAB inside, as h11 accepts, and is
+# trimmed of SP and HTAB only.
+_OWS = r"[ \t]*"
+_TOKEN = r"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_FIELD_VCHAR = r"[^\x00\t\n\v\f\r ]"
+_FIELD_CONTENT = _FIELD_VCHAR + r"+(?:[ \t]+" + _FIELD_VCHAR + r"+)*"
 # status-line = HTTP-version SP status-code SP [ reason-phrase ]; servers
 # that leave out "SP reason-phrase" are common enough to accept.
 _STATUS_LINE = re.compile(
-    rb"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: (?:[ \t]|" + _FIELD_VCHAR + rb")*)?")
-# field-line = field-name ":" OWS field-value OWS
-_FIELD_LINE = re.compile(
-    rb"(" + _TOKEN + rb"):" + _OWS + rb"((?:" + _FIELD_CONTENT + rb")?)" + _OWS)
+    r"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: (?:[ \t]|" + _FIELD_VCHAR + r")*)?")
+# field-line = field-name ":" OWS field-value OWS; a head's field lines are
+# checked in one match, joined by CRLF.
+_FIELD_LINE = _TOKEN + ":" + _OWS + "(?:" + _FIELD_CONTENT + ")?" + _OWS
+_FIELD_LINES = re.compile("(?:%s(?:\r\n%s)*)?" % (_FIELD_LINE, _FIELD_LINE))
+_ONE_FIELD_LINE = re.compile(_FIELD_LINE)
 # obs-fold: a line that starts with SP or HTAB continues the one above it.
-_OBS_FOLD = re.compile(rb"[ \t]+")
+_OBS_FOLD = re.compile(r"[ \t]+")
 # Content-Length = 1*DIGIT; more than 20 digits is no file size.
-_CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
 # chunk-size [ chunk-ext ], before its CRLF: the extensions are ignored, and
 # blanks before the CRLF tolerated, as some servers send them.
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?" + _OWS)
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
 # The end of a head: an empty line, after CRLF or a bare LF.
 _HEAD_END = re.compile(rb"\n\r?\n")
+
+
+# The headers that decide where an answer ends, or whether its connection lives.
+_FRAMING_FIELDS = frozenset(("content-length", "transfer-encoding", "connection"))
 
 
 class _Answer:
     """An answer: its status, headers (lower-case names) and body.
 
-    ``data`` is the body, unless it went to a file; ``complete`` says the
-    end of the answer was read; ``reusable`` that its connection may carry
-    the next request.
+    ``data`` is the body, unless it went to a file; ``length`` the checked
+    Content-Length, or None; ``complete`` says the end of the answer was
+    read; ``reusable`` that its connection may carry the next request.
     """
 
-    __slots__ = ("status", "headers", "data", "complete", "reusable", "resto_attempts")
+    __slots__ = ("status", "headers", "data", "length", "complete", "reusable",
+                 "resto_attempts")
 
-    def __init__(self, status, headers, data, complete=True, reusable=False):
+    def __init__(self, status, headers, data, length=None, complete=True, reusable=False):
         self.status = status
         self.headers = headers
         self.data = data
+        self.length = length
         self.complete = complete
         self.reusable = reusable
 
@@ -1033,7 +1083,7 @@ class _AnswerReader:
         return data
 
     def _lines(self, what):
-        """Return the lines up to the next empty one, their ends removed.
+        """Return the lines up to the next empty one, decoded, their ends removed.
 
         An empty line first gives no lines. A bare LF ends a line too
         (RFC 9112 section 2.2 allows a recipient that), leniently.
@@ -1041,20 +1091,19 @@ class _AnswerReader:
         start = 0
         while True:
             if self._buffer[:1] == b"\n" or self._buffer[:2] == b"\r\n":
-                self.lenient |= self._buffer[:1] == b"\n"
-                del self._buffer[:1 if self._buffer[:1] == b"\n" else 2]
+                bare = self._buffer[:1] == b"\n"
+                self.lenient |= bare
+                del self._buffer[:1 if bare else 2]
                 return []
             found = _HEAD_END.search(self._buffer, start)
             if found is not None:
-                lines = bytes(self._buffer[:found.end()]).split(b"\n")
+                text = self._buffer[:found.end()].decode("latin-1")
                 del self._buffer[:found.end()]
-                del lines[-1]  # what follows the last LF: nothing
-                for index, line in enumerate(lines):
-                    if line.endswith(b"\r"):
-                        lines[index] = line[:-1]
-                    else:
-                        self.lenient = True
-                return lines[:-1]  # the empty line
+                if text.count("\n") == text.count("\r\n"):
+                    return text[:-4].split("\r\n")  # every line ends with CRLF
+                self.lenient = True
+                lines = text.split("\n")[:-2]  # the empty line and what follows it
+                return [line[:-1] if line.endswith("\r") else line for line in lines]
             if len(self._buffer) > _MAX_ANSWER_HEAD:
                 raise _NotHTTP("%s over %d bytes" % (what, _MAX_ANSWER_HEAD))
             start = max(0, len(self._buffer) - 2)
@@ -1087,6 +1136,49 @@ class _AnswerReader:
         digits (a list or repeats of one value allowed); Transfer-Encoding
         must be "chunked" alone; having both is an error, never a guess.
         """
+        block = "\r\n".join(lines)
+        if block[:1] in (" ", "\t") or "\r\n " in block or "\r\n\t" in block:
+            lines = self._unfold(lines)
+            block = "\r\n".join(lines)
+        if not _FIELD_LINES.fullmatch(block):
+            bad = next(line for line in lines if not _ONE_FIELD_LINE.fullmatch(line))
+            raise _AnswerError("malformed header line %r" % bad[:100])
+        headers = {}
+        length = None
+        chunked = close = False
+        for line in lines:
+            name, _, value = line.partition(":")
+            name = name.lower()
+            value = value.strip(" \t")
+            if name in headers:
+                headers[name] += ", " + value
+            else:
+                headers[name] = value
+            if name not in _FRAMING_FIELDS:
+                continue
+            if name == "content-length":
+                values = {part.strip(" \t") for part in value.split(",")}
+                if length is not None:
+                    values.add(length)
+                if len(values) != 1:
+                    raise _AnswerError("conflicting Content-Length values %r" % value[:100])
+                length = values.pop()
+                if not _CONTENT_LENGTH.fullmatch(length):
+                    raise _AnswerError("bad Content-Length %r" % value[:100])
+            elif name == "transfer-encoding":
+                if chunked or value.lower() != "chunked":
+                    raise _AnswerError("Transfer-Encoding %r: only one 'chunked' is accepted"
+                                       % value[:100])
+                chunked = True
+            else:
+                close |= "close" in [token.strip(" \t").lower() for token in value.split(",")]
+        if chunked and length is not None:
+            raise _AnswerError("both Content-Length and Transfer-Encoding: the end of the "
+                               "answer is ambiguous (RFC 9112 section 6.3)")
+        return headers, None if length is None else int(length), chunked, close
+
+    def _unfold(self, lines):
+        """Join each obsolete folded line to the one above it, with a space (RFC 9112 5.2)."""
         joined = []
         for line in lines:
             fold = _OBS_FOLD.match(line)
@@ -1097,39 +1189,8 @@ class _AnswerReader:
                 raise _AnswerError("a folded line before the first header line: %r"
                                    % line[:100])
             self.lenient = True
-            joined[-1] = joined[-1] + b" " + line[fold.end():]
-        headers = {}
-        length = None
-        chunked = close = False
-        for line in joined:
-            field = _FIELD_LINE.fullmatch(line)
-            if field is None:
-                raise _AnswerError("malformed header line %r" % line[:100])
-            name, value = field.groups()
-            name = name.lower()
-            if name == b"content-length":
-                values = {part.strip(b" \t") for part in value.split(b",")}
-                if length is not None:
-                    values.add(length)
-                if len(values) != 1:
-                    raise _AnswerError("conflicting Content-Length values %r" % value[:100])
-                length = values.pop()
-                if not _CONTENT_LENGTH.fullmatch(length):
-                    raise _AnswerError("bad Content-Length %r" % value[:100])
-            elif name == b"transfer-encoding":
-                if chunked or value.lower() != b"chunked":
-                    raise _AnswerError("Transfer-Encoding %r: only one 'chunked' is accepted"
-                                       % value[:100])
-                chunked = True
-            elif name == b"connection":
-                close |= b"close" in [token.strip(b" \t").lower() for token in value.split(b",")]
-            key = name.decode("ascii")
-            value = value.decode("latin-1")
-            headers[key] = headers[key] + ", " + value if key in headers else value
-        if chunked and length is not None:
-            raise _AnswerError("both Content-Length and Transfer-Encoding: the end of the "
-                               "answer is ambiguous (RFC 9112 section 6.3)")
-        return headers, None if length is None else int(length), chunked, close
+            joined[-1] = joined[-1] + " " + line[fold.end():]
+        return joined
 
     def read(self, method, sink=None):
         """Return the _Answer to a request of ``method``, skipping interim (1xx) answers.
@@ -1142,9 +1203,8 @@ class _AnswerReader:
             if not lines:
                 raise _NotHTTP("an empty line where the status line should be")
             status_line = _STATUS_LINE.fullmatch(lines[0])
-            if status_line is None or status_line.group(1) != b"1":
-                raise _NotHTTP("not an HTTP/1.x status line: %r"
-                               % lines[0][:100].decode("latin-1"))
+            if status_line is None or status_line.group(1) != "1":
+                raise _NotHTTP("not an HTTP/1.x status line: %r" % lines[0][:100])
             status = int(status_line.group(3))
             if status < 100:
                 raise _NotHTTP("status %03d is not an HTTP status" % status)
@@ -1156,7 +1216,7 @@ class _AnswerReader:
                 break
         else:
             raise _AnswerError("more than %d interim (1xx) answers" % _MAX_INTERIM_ANSWERS)
-        keep_alive = status_line.group(2) != b"0" and not close
+        keep_alive = status_line.group(2) != "0" and not close
         streamed = sink is not None and method == "GET" and status == 200
         body = (sink if isinstance(sink, _Sink) else _Sink(sink)) if streamed else _KeptBody()
         if method == "HEAD" or status in (204, 304):
@@ -1170,7 +1230,7 @@ class _AnswerReader:
             keep_alive = False
         data = b"" if streamed else b"".join(body.parts)
         reusable = complete and keep_alive and not self.lenient and not self._buffer
-        return _Answer(status, headers, data, complete, reusable)
+        return _Answer(status, headers, data, length, complete, reusable)
 
     def _counted(self, length, body):
         """Read a body of ``length`` bytes into ``body``; False if it was cut."""
@@ -1230,6 +1290,8 @@ def _read_answer(sock, method, deadline, read_timeout, sink=None):
     return _AnswerReader(sock, read_timeout, deadline).read(method, sink)
 
 
+# --- Wire: one exchange ------------------------------------------------------
+
 def _exchange(pool, host, method, path, body, headers, size, idle_timeout, deadline,
               sink=None):
     """Send one request on a kept-alive connection of ``pool``; return its _Answer.
@@ -1267,6 +1329,90 @@ def _exchange(pool, host, method, path, body, headers, size, idle_timeout, deadl
         pool._put_conn(connection)
     return answer
 
+
+###############################################################################
+# Host kinds
+###############################################################################
+
+# What differs between kinds of media host lives in one small object per host
+# entry, built once by each transport: the URL of a file, what authenticates a
+# request, and what a status means. The transport sends the requests.
+
+# --- Host kinds: plain HTTP and WebDAV ---------------------------------------
+
+# What a PUT may answer: created, or overwritten.
+_PUT_STATUSES = (201, 200, 204)
+
+# What a WebDAV server answers a PUT whose parent collection is missing:
+# 409 per RFC 4918 section 9.7.1; some servers say 404 or 403, and nginx
+# without create_full_put_path says 500 (its rename() fails).
+_MISSING_PARENT_STATUSES = frozenset((409, 404, 403, 500))
+
+# Asks for one property of one resource (RFC 4918 section 9.1): its type.
+_PROPFIND_RESOURCETYPE = (b'<?xml version="1.0" encoding="utf-8"?>\n'
+                          b'<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>\n')
+
+# Collections known to exist, as URLs ending with "/", and the origins
+# ("scheme://netloc") that need them: shared by every transport of the
+# process, so that later saves into a known directory pay nothing.
+_known_collections = set()
+_MAX_KNOWN_COLLECTIONS = 100000
+_collection_hosts = set()
+
+
+def _collection_paths(path):
+    """Return the collections above ``path``, top down: "/a/b/c" -> ["/a/", "/a/b/"]."""
+    segments = path.split("/")[1:-1]
+    return ["/" + "".join(segment + "/" for segment in segments[:depth])
+            for depth in range(1, len(segments) + 1)]
+
+
+class _HTTPHost:
+    """A media host that takes PUT and DELETE over HTTP: nginx, Apache, lighttpd.
+
+    A file's URL is the entry's origin, MEDIA_URL's path, then the name. A
+    WebDAV server that wants parent collections first says so by refusing
+    a PUT (see _MISSING_PARENT_STATUSES): ``collections()`` lists those to
+    make, and the process remembers the hosts that needed them.
+    """
+
+    put_statuses = _PUT_STATUSES
+    # The path's "." and ".." segments are resolved before sending, as urllib3 does.
+    normalize_paths = True
+
+    def __init__(self, entry, endpoint, base_path, auth_headers):
+        self.entry = entry
+        self.origin = "%s://%s" % (endpoint.scheme, endpoint.netloc)
+        self._files = self.origin + base_path
+        self._auth_headers = auth_headers
+
+    def url(self, name):
+        """Return the URL of ``name`` on this host."""
+        return self._files + quote(name, safe="/")
+
+    def sign(self, method, url, headers):
+        """Return ``headers`` with RESTO_HTTP_AUTH's, if any."""
+        return dict(headers, **self._auth_headers) if self._auth_headers else headers
+
+    def stored(self, status):
+        """Return what a PUT's accepted ``status`` says: 201 created, 200 or 204 overwritten."""
+        return status
+
+    def hint(self, method, status, body):
+        """Return what usually causes ``status`` on ``method``, or None."""
+        return _status_hint(method, status)
+
+    @property
+    def needs_collections(self):
+        """Tell whether this host was seen to need parent collections."""
+        return bool(_collection_hosts) and self.origin in _collection_hosts
+
+    def collections(self, url):
+        """Return the collection URLs above ``url``, top down, e.g. ``.../media/a/``."""
+        return [self.origin + path for path in _collection_paths(urlsplit(url).path)]
+
+
+# --- Host kinds: S3 ----------------------------------------------------------
 
 # AWS Signature Version 4, for the S3 hosts: written from AWS's description
 # of header-based signing, with the standard library only.
@@ -1417,13 +1563,135 @@ def _sigv4_headers(method, url, headers, access_key, secret_key, region, now=Non
     return added
 
 
+# The error code of an S3 error body, e.g. <Code>SignatureDoesNotMatch</Code>.
+_S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
+
+# What usually causes an object store's unexpected status.
+_S3_STATUS_HINTS = {
+    301: "301: the bucket is in another region or at another endpoint; set ?region= in "
+         "the host entry or RESTO_S3_REGION.",
+    400: "400: check the region (RESTO_S3_REGION or ?region= in the host entry).",
+    403: "403 from the object store: check RESTO_S3_ACCESS_KEY_ID, "
+         "RESTO_S3_SECRET_ACCESS_KEY, the bucket's policy and this server's clock.",
+    404: "404: the bucket does not exist; create it first.",
+}
+
+
+class _S3Host:
+    """An S3 bucket, path-style: ``s3+https://endpoint/bucket[/prefix]``.
+
+    A file's key is the entry's prefix, else MEDIA_URL's path, then the
+    name. Every request is signed (AWS Signature Version 4); keys keep
+    their "." segments, since the signature covers the path as sent.
+    """
+
+    put_statuses = (200,)
+    normalize_paths = False
+    needs_collections = False
+
+    def __init__(self, entry, endpoint, base_path, credentials, region):
+        self.entry = entry
+        self.origin = "%s://%s" % (endpoint.scheme, endpoint.netloc)
+        prefix = base_path.lstrip("/") if endpoint.prefix is None else endpoint.prefix
+        self._files = "%s/%s/%s" % (self.origin, quote(endpoint.bucket, safe=_PATH_SAFE),
+                                    quote(prefix, safe=_PATH_SAFE))
+        self._credentials = credentials
+        self._region = endpoint.region or region
+
+    def url(self, name):
+        """Return the URL of ``name``'s object."""
+        return self._files + quote(name, safe="/")
+
+    def sign(self, method, url, headers):
+        """Return ``headers`` with the SigV4 headers that sign the request."""
+        access_key, secret_key = self._credentials
+        if not access_key or not secret_key:
+            raise ImproperlyConfigured(
+                "%s is an S3 host, but RESTO_S3_ACCESS_KEY_ID or "
+                "RESTO_S3_SECRET_ACCESS_KEY is not set." % self.entry)
+        headers = dict(headers)
+        headers.update(_sigv4_headers(method, url, headers, access_key, secret_key,
+                                      self._region))
+        return headers
+
+    def stored(self, status):
+        """Return 201: S3 answers 200 whether or not the object existed."""
+        return 201
+
+    def hint(self, method, status, body):
+        """Return what usually causes ``status``, led by the ``<Code>`` of the error body."""
+        code = _S3_ERROR_CODE.search(body[:4096]) if body else None
+        return " ".join(filter(None, (
+            "S3 error %s." % code.group(1).decode() if code else None,
+            _S3_STATUS_HINTS.get(status) or _status_hint(method, status)))) or None
+
+    def collections(self, url):
+        """Return no collections: an object store has none."""
+        return []
+
+
+###############################################################################
+# Transport
+###############################################################################
+
+# Answers that say "try again": the request did not take effect.
+_RETRY_STATUSES = frozenset((502, 503, 504))
+
+# First pause before a retry, doubled on each further attempt, with jitter.
+_RETRY_BACKOFF = 0.05
+
+
+_insecure_warned = []
+
+
+def _tls_pool_kwargs(ca_bundle, tls_verify):
+    """Return the urllib3 pool keywords for HTTPS hosts; warn once if unverified."""
+    _check_flag(tls_verify, "The RESTO_TLS_VERIFY setting")
+    if not tls_verify:
+        if not _insecure_warned:
+            _insecure_warned.append(True)
+            logger.warning(
+                "RESTO_TLS_VERIFY is False: the TLS certificates of the media hosts "
+                "are not verified, so anyone on the path can read or change uploads.")
+        return {"cert_reqs": "CERT_NONE", "assert_hostname": False}
+    return {"cert_reqs": "CERT_REQUIRED",
+            "ca_certs": _check_ca_bundle(ca_bundle, "The RESTO_CA_BUNDLE setting")}
+
+
+class _Discard:
+    """A binary sink that keeps nothing (to count the bytes of a GET)."""
+
+    def write(self, data):
+        """Drop ``data``; return its length."""
+        return len(data)
+
+
+def _not_found(name, host):
+    """Return the FileNotFoundError for ``name`` missing on ``host``."""
+    return FileNotFoundError(errno.ENOENT, "%s not found on %s" % (name, host), name)
+
+
+def _remaining_size(content):
+    """Return how many bytes of ``content`` (bytes or binary file) remain to send."""
+    if isinstance(content, (bytes, bytearray, memoryview)):
+        return len(content)
+    try:
+        return os.fstat(content.fileno()).st_size - content.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        position = content.tell()
+        end = content.seek(0, os.SEEK_END)
+        content.seek(position)
+        return end - position
+
+
 class DefaultTransport:
     """Talk HTTP to media hosts: one method per operation, one verb each.
 
     ``base_url`` gives the path under which files live on the hosts (the
     path of ``MEDIA_URL``) and the scheme of ``"host:port"`` entries.
-    ``timeout`` bounds each attempt: connecting, each read, and the whole
-    exchange, which may take ``timeout`` plus one second per MiB of body.
+    ``timeout`` bounds each attempt: connecting, each wait, and the whole
+    exchange, which may take ``timeout`` plus one second per MiB of an
+    upload's body or of a download's bytes that arrived.
     ``retries`` failed attempts (no answer, 502, 503, 504) are tried again
     at once, inline, so operations on a name keep their order.
     ``http_auth``, ``ca_bundle`` and ``tls_verify`` have the meaning of the
@@ -1456,11 +1724,14 @@ class DefaultTransport:
         self._base_path = path if path.endswith("/") else path + "/"
         # origin -> (pool manager, urllib3 pool, Host header): see _route().
         self._routes = {}
+        # host entry -> its _HTTPHost or _S3Host: see _host().
+        self._hosts = {}
 
     def __getstate__(self):
-        # Pools hold sockets and locks: a copy finds its own routes.
+        # Pools hold sockets and locks: a copy finds its own routes (and hosts).
         state = self.__dict__.copy()
         state["_routes"] = {}
+        state["_hosts"] = {}
         return state
 
     def __repr__(self):
@@ -1471,14 +1742,20 @@ class DefaultTransport:
 
     def url(self, host, name):
         """Return the URL of ``name`` on ``host``."""
-        endpoint = _parse_host(host, self._default_scheme)
-        path = self._base_path
-        if endpoint.bucket is not None:
-            # Path-style S3: the key is the entry's prefix, else MEDIA_URL's path.
-            prefix = self._base_path.lstrip("/") if endpoint.prefix is None else endpoint.prefix
-            path = "/%s/%s" % (quote(endpoint.bucket, safe=_PATH_SAFE),
-                               quote(prefix, safe=_PATH_SAFE))
-        return "%s://%s%s%s" % (endpoint.scheme, endpoint.netloc, path, quote(name, safe="/"))
+        return self._host(host).url(name)
+
+    def _host(self, entry):
+        """Return the host object of the host entry ``entry``, built on first use."""
+        host = self._hosts.get(entry)
+        if host is None:
+            endpoint = _parse_host(entry, self._default_scheme)
+            if endpoint.bucket is None:
+                host = _HTTPHost(entry, endpoint, self._base_path, self._auth_headers)
+            else:
+                host = _S3Host(entry, endpoint, self._base_path, self._s3_credentials,
+                               self.s3_region)
+            self._hosts[entry] = host
+        return host
 
     def content(self, host, name):
         """GET ``name`` from ``host`` and return its bytes.
@@ -1527,9 +1804,8 @@ class DefaultTransport:
             raise _not_found(name, host)
         if response.status != 200:
             raise self._unexpected("HEAD", url, host, response.status, (200,))
-        length = response.headers.get("content-length", "")
-        if length.isdigit():
-            return int(length)
+        if response.length is not None:
+            return response.length
         return self.fetch(host, name, _Discard())
 
     def create(self, host, name, content, size=None):
@@ -1555,72 +1831,84 @@ class DefaultTransport:
         An S3 host answers 200 whether or not the object existed: that is
         returned as 201, since an overwrite cannot be told apart.
         """
-        url = self.url(host, name)
+        kind = self._host(host)
+        url = kind.url(name)
         if size is None:
             size = _remaining_size(content)
         start = content.tell() if hasattr(content, "tell") else None
         # Object stores and filers serve the type they were given.
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         headers = {"Content-Length": str(size), "Content-Type": content_type}
-        if self._is_s3(host):
-            response = self._request("PUT", url, host, body=content, headers=headers,
-                                     size=size)
-            if response.status != 200:
-                raise self._unexpected("PUT", url, host, response.status, (200,),
-                                       response.data)
-            return 201
-        if _known_collection_host(url):
+        if kind.needs_collections:
             # This host needs parent collections: make the missing ones first.
             # Only a shortcut: the host may have been wiped or replaced since,
             # and the answer to the PUT below says what is really missing.
             try:
-                self._make_collections(host, url, self._collections(url), trust_cache=True)
+                self._make_collections(kind, kind.collections(url), trust_cache=True)
             except UnexpectedStatusCode as refused:
                 logger.info("%s; sending the PUT anyway.", refused)
-        status = self._request("PUT", url, host, body=content, headers=headers, size=size).status
-        collections = self._collections(url) if status in _MISSING_PARENT_STATUSES else ()
+        answer = self._request("PUT", url, host, body=content, headers=headers, size=size)
+        collections = (kind.collections(url) if answer.status in _MISSING_PARENT_STATUSES
+                       else ())
         if collections:
             try:
-                self._make_collections(host, url, collections, trust_cache=False)
+                self._make_collections(kind, collections, trust_cache=False)
             except UnexpectedStatusCode as refused:
                 mkcol = "(Parent collections may be missing, but %s %s answered %d.%s)" % (
                     refused.method, refused.url, refused.status,
                     " " + refused.hint if refused.hint else "")
-                hint = " ".join(filter(None, (_status_hint("PUT", status), mkcol)))
-                raise UnexpectedStatusCode("PUT", url, host, status, _PUT_STATUSES,
+                hint = " ".join(filter(None, (_status_hint("PUT", answer.status), mkcol)))
+                raise UnexpectedStatusCode("PUT", url, host, answer.status, kind.put_statuses,
                                            hint=hint) from refused
             if start is not None:
                 content.seek(start)
-            status = self._request("PUT", url, host, body=content, headers=headers,
-                                   size=size).status
-        if status not in _PUT_STATUSES:
-            raise UnexpectedStatusCode("PUT", url, host, status, _PUT_STATUSES)
-        return status
+            answer = self._request("PUT", url, host, body=content, headers=headers, size=size)
+        if answer.status not in kind.put_statuses:
+            raise self._unexpected("PUT", url, host, answer.status, kind.put_statuses,
+                                   answer.data)
+        return kind.stored(answer.status)
 
-    def _collections(self, url):
-        """Return the collection URLs above ``url``, top down, e.g. ``.../media/a/``."""
-        origin = _origin(url)
-        return [origin + path for path in _collection_paths(urlsplit(url).path)]
-
-    def _make_collections(self, host, url, collections, trust_cache):
+    def _make_collections(self, kind, collections, trust_cache):
         """MKCOL each missing collection top down; 201 and 405 (exists) are fine.
 
-        Collections made or found are remembered for the process, so later
-        saves into them pay nothing; ``trust_cache`` False asks again about
-        every one (the server said one is missing after all).
+        Another answer may mean the MKCOL lost a race: Apache answers 403 to
+        the MKCOL of a collection that a concurrent one has just made. The
+        collection is then looked up, and only one still missing makes the
+        refusal an error. Collections made or found are remembered for the
+        process, so later saves into them pay nothing; ``trust_cache`` False
+        asks again about every one (the server said one is missing after all).
         """
         for collection in collections:
             if trust_cache and collection in _known_collections:
                 continue
-            status = self._request("MKCOL", collection, host).status
-            if status not in (201, 405):
-                raise UnexpectedStatusCode("MKCOL", collection, host, status, (201, 405))
+            status = self._request("MKCOL", collection, kind.entry).status
+            if status not in (201, 405) and not self._is_collection(kind.entry, collection):
+                raise UnexpectedStatusCode("MKCOL", collection, kind.entry, status, (201, 405))
             if len(_known_collections) >= _MAX_KNOWN_COLLECTIONS:
                 # Dated directories would make it grow for ever; forgetting
                 # costs one MKCOL (405) per directory used again.
                 _known_collections.clear()
             _known_collections.add(collection)
-        _collection_hosts.add(_origin(url))
+        _collection_hosts.add(kind.origin)
+
+    def _is_collection(self, host, url):
+        """PROPFIND ``url`` (Depth 0): True when the host says it is a collection.
+
+        Apache and lighttpd answer 207 and a resourcetype of collection; 404
+        means missing. nginx without dav-ext answers 405 to any PROPFIND:
+        False, but nginx answers a lost MKCOL race with 405, never asking.
+        """
+        headers = {"Depth": "0", "Content-Type": "application/xml; charset=utf-8",
+                   "Content-Length": str(len(_PROPFIND_RESOURCETYPE))}
+        answer = self._request("PROPFIND", url, host, body=_PROPFIND_RESOURCETYPE,
+                               headers=headers, size=len(_PROPFIND_RESOURCETYPE))
+        if answer.status != 207:
+            return False
+        try:
+            multistatus = xml.etree.ElementTree.fromstring(answer.data)
+        except xml.etree.ElementTree.ParseError:
+            return False  # not a WebDAV answer, or one cut at _MAX_ANSWER_BODY
+        return multistatus.find(".//{DAV:}resourcetype/{DAV:}collection") is not None
 
     def delete(self, host, name):
         """DELETE ``name`` on ``host``.
@@ -1641,37 +1929,10 @@ class DefaultTransport:
         raise self._unexpected("DELETE", url, host, status, (200, 204, 404, 410),
                                response.data)
 
-    def _is_s3(self, host):
-        """Tell whether ``host`` is an S3 bucket entry."""
-        return _parse_host(host, self._default_scheme).bucket is not None
-
     def _unexpected(self, method, url, host, status, expected, body=b""):
-        """Return the UnexpectedStatusCode for ``status``, with an object store's hint.
-
-        An object store says why in its error body: its ``<Code>`` leads the hint.
-        """
-        hint = None
-        if self._is_s3(host):
-            code = _S3_ERROR_CODE.search(body[:4096]) if body else None
-            hint = " ".join(filter(None, (
-                "S3 error %s." % code.group(1).decode() if code else None,
-                _S3_STATUS_HINTS.get(status) or _status_hint(method, status))))
-        return UnexpectedStatusCode(method, url, host, status, expected, hint=hint or None)
-
-    def _sign(self, method, url, host, headers):
-        """Return ``headers`` with what authenticates the request to ``host``."""
-        endpoint = _parse_host(host, self._default_scheme)
-        if endpoint.bucket is None:
-            return dict(headers or (), **self._auth_headers) if self._auth_headers else headers
-        access_key, secret_key = self._s3_credentials
-        if not access_key or not secret_key:
-            raise ImproperlyConfigured(
-                "%s is an S3 host, but RESTO_S3_ACCESS_KEY_ID or "
-                "RESTO_S3_SECRET_ACCESS_KEY is not set." % host)
-        headers = dict(headers or ())
-        headers.update(_sigv4_headers(method, url, headers, access_key, secret_key,
-                                      endpoint.region or self.s3_region))
-        return headers
+        """Return the UnexpectedStatusCode for ``status``, with the host kind's hint."""
+        hint = self._host(host).hint(method, status, body)
+        return UnexpectedStatusCode(method, url, host, status, expected, hint=hint)
 
     def _request(self, method, url, host, body=None, headers=None, size=0, sink=None):
         """Send a request, retrying what may be retried; return its _Answer.
@@ -1713,11 +1974,11 @@ class DefaultTransport:
         """
         bound = self.timeout + size / _MIN_TRANSFER_RATE
         deadline = _Deadline(bound, _MAX_DOWNLOAD_EXTRA if sink is not None else 0)
+        kind = self._host(host)
         headers = dict(headers or (), **{"User-Agent": _USER_AGENT})
-        headers = self._sign(method, url, host, headers)  # afresh: S3 signs the time
+        headers = kind.sign(method, url, headers)  # afresh: S3 signs the time
         try:
-            # S3 signs the path as it is: its dot segments must stay.
-            pool, host_header, path = self._route(url, normalize=not self._is_s3(host))
+            pool, host_header, path = self._route(url, kind.normalize_paths)
             return _exchange(pool, host_header, method, path, body, headers, size, bound,
                              deadline, sink)
         except (urllib3.exceptions.HTTPError, _WireError, OSError) as exc:
@@ -1737,6 +1998,8 @@ class DefaultTransport:
         route = self._routes.get(origin)
         if route is None or route[0] is not manager or route[1].pool is None:
             parts = urllib3.util.parse_url(origin)
+            if parts.scheme == "https":
+                _check_ssl_patched_in_time()
             pool = manager.connection_from_host(
                 parts.host, parts.port, parts.scheme,
                 pool_kwargs=self._tls if parts.scheme == "https" else None,
@@ -1747,102 +2010,7 @@ class DefaultTransport:
         return route[1], route[2], path
 
 
-# The error code of an S3 error body, e.g. <Code>SignatureDoesNotMatch</Code>.
-_S3_ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
-
-# What usually causes an object store's unexpected status.
-_S3_STATUS_HINTS = {
-    301: "301: the bucket is in another region or at another endpoint; set ?region= in "
-         "the host entry or RESTO_S3_REGION.",
-    400: "400: check the region (RESTO_S3_REGION or ?region= in the host entry).",
-    403: "403 from the object store: check RESTO_S3_ACCESS_KEY_ID, "
-         "RESTO_S3_SECRET_ACCESS_KEY, the bucket's policy and this server's clock.",
-    404: "404: the bucket does not exist; create it first.",
-}
-
-# What a PUT may answer: created, or overwritten.
-_PUT_STATUSES = (201, 200, 204)
-
-# What a WebDAV server answers a PUT whose parent collection is missing:
-# 409 per RFC 4918 section 9.7.1; some servers say 404 or 403, and nginx
-# without create_full_put_path says 500 (its rename() fails).
-_MISSING_PARENT_STATUSES = frozenset((409, 404, 403, 500))
-
-# Collections known to exist, as URLs ending with "/", and the origins
-# ("scheme://netloc") that need them: shared by every transport of the
-# process, so that later saves into a known directory pay nothing.
-_known_collections = set()
-_MAX_KNOWN_COLLECTIONS = 100000
-_collection_hosts = set()
-
-
-def _collection_paths(path):
-    """Return the collections above ``path``, top down: "/a/b/c" -> ["/a/", "/a/b/"]."""
-    segments = path.split("/")[1:-1]
-    return ["/" + "".join(segment + "/" for segment in segments[:depth])
-            for depth in range(1, len(segments) + 1)]
-
-
-def _split_origin(url):
-    """Return ``scheme://netloc`` and the rest (``/path?query``) of an absolute URL."""
-    end = url.find("/", url.index("//") + 2)
-    if end < 0:
-        return url, "/"
-    return url[:end], url[end:]
-
-
-def _origin(url):
-    """Return ``scheme://netloc`` of ``url``."""
-    return _split_origin(url)[0]
-
-
-def _known_collection_host(url):
-    """Tell whether the host of ``url`` was seen to need parent collections."""
-    return bool(_collection_hosts) and _origin(url) in _collection_hosts
-
-
-_insecure_warned = []
-
-
-def _tls_pool_kwargs(ca_bundle, tls_verify):
-    """Return the urllib3 pool keywords for HTTPS hosts; warn once if unverified."""
-    _check_flag(tls_verify, "The RESTO_TLS_VERIFY setting")
-    if not tls_verify:
-        if not _insecure_warned:
-            _insecure_warned.append(True)
-            logger.warning(
-                "RESTO_TLS_VERIFY is False: the TLS certificates of the media hosts "
-                "are not verified, so anyone on the path can read or change uploads.")
-        return {"cert_reqs": "CERT_NONE", "assert_hostname": False}
-    return {"cert_reqs": "CERT_REQUIRED",
-            "ca_certs": _check_ca_bundle(ca_bundle, "The RESTO_CA_BUNDLE setting")}
-
-
-class _Discard:
-    """A binary sink that keeps nothing (to count the bytes of a GET)."""
-
-    def write(self, data):
-        """Drop ``data``; return its length."""
-        return len(data)
-
-
-def _not_found(name, host):
-    """Return the FileNotFoundError for ``name`` missing on ``host``."""
-    return FileNotFoundError(errno.ENOENT, "%s not found on %s" % (name, host), name)
-
-
-def _remaining_size(content):
-    """Return how many bytes of ``content`` (bytes or binary file) remain to send."""
-    if isinstance(content, (bytes, bytearray, memoryview)):
-        return len(content)
-    try:
-        return os.fstat(content.fileno()).st_size - content.tell()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        position = content.tell()
-        end = content.seek(0, os.SEEK_END)
-        content.seek(position)
-        return end - position
-
+# --- Transport: upload payloads ----------------------------------------------
 
 class _PositionalReader:
     """Read a slice of a file descriptor with its own position (os.pread).
@@ -1880,6 +2048,16 @@ class _PositionalReader:
 # Uploads of Distributed storage up to this size are kept in memory and sent
 # to every host from one buffer; larger ones are spooled to one temporary file.
 _MEMORY_SPOOL_LIMIT = 1024 * 1024
+
+
+def _regular_file_descriptor(content):
+    """Return the descriptor of the regular file behind ``content``, or None."""
+    try:
+        fd = content.fileno()
+        mode = os.fstat(fd).st_mode
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return fd if stat.S_ISREG(mode) else None
 
 
 class _Payload:
@@ -1939,14 +2117,7 @@ class _Payload:
         self.close()
 
 
-def _regular_file_descriptor(content):
-    """Return the descriptor of the regular file behind ``content``, or None."""
-    try:
-        fd = content.fileno()
-        mode = os.fstat(fd).st_mode
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return None
-    return fd if stat.S_ISREG(mode) else None
+
 
 
 ###############################################################################
@@ -3390,21 +3561,35 @@ def _explain(error):
     return str(error)
 
 
+# Redirects check follows from the public URL to the file (http to https, a CDN).
+_MAX_PUBLIC_REDIRECTS = 3
+
+
 def _check_public_url(storage, transport, name, data):
-    """GET the probe through ``storage.url()``; say what came back."""
+    """GET the probe through ``storage.url()``, without credentials; say what came back."""
     url = storage.url(name)
     if not url.startswith(("http://", "https://")):
         return "not fetched (MEDIA_URL is a path; set an absolute base_url to check it)"
     try:
-        with _Deadline(transport.timeout).bounding():
-            response = _pool_manager(1).request(
-                "GET", url, timeout=transport.timeout, retries=False, redirect=3)
-    except (urllib3.exceptions.HTTPError, OSError) as error:
-        return "not reachable from here (%s)" % error
-    if response.status != 200:
+        for _redirect in range(_MAX_PUBLIC_REDIRECTS + 1):
+            origin, path = _split_origin(url)
+            parts = urlsplit(origin)
+            pool = _pool_manager(1).connection_from_host(
+                parts.hostname, parts.port, parts.scheme,
+                pool_kwargs=transport._tls if parts.scheme == "https" else None)
+            answer = _exchange(pool, _host_header(parts), "GET", path, None,
+                               {"User-Agent": _USER_AGENT}, 0, transport.timeout,
+                               _Deadline(transport.timeout))
+            location = answer.headers.get("location")
+            if answer.status not in (301, 302, 303, 307, 308) or not location:
+                break
+            url = urljoin(url, location)
+    except (urllib3.exceptions.HTTPError, _WireError, OSError) as error:
+        return "not reachable from here (%s)" % _with_hint(error)
+    if answer.status != 200:
         return "answered %d (is the public server in front of the media hosts?)" % (
-            response.status)
-    return "ok" if response.data == data else "served different bytes"
+            answer.status)
+    return "ok" if answer.data == data else "served different bytes"
 
 
 def _serve(args):

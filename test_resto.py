@@ -27,8 +27,11 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
+import types
 import warnings
+import xml.etree.ElementTree
 from urllib.parse import quote
 
 import gevent
@@ -1521,7 +1524,77 @@ def test_webdav_mkcol_refused_is_a_clear_error(media_servers, tmp_path):
     assert "needs parent collections" in str(error)
     assert "refuses to create directories" in str(error)
     assert server.files == {}
-    assert server.log == [("PUT", "/media/sub/x.txt", 409), ("MKCOL", "/media/", 403)]
+    # MediaServer knows no PROPFIND (405, as nginx): the refusal stands.
+    assert server.log == [("PUT", "/media/sub/x.txt", 409), ("MKCOL", "/media/", 403),
+                          ("PROPFIND", "/media/", 405)]
+
+
+def canned_answer(status, body=b""):
+    """Return a kept-alive CannedHost answer with ``status`` and ``body``."""
+    return b"HTTP/1.1 %d Status\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body), False
+
+
+def multistatus(resourcetype):
+    """Return a PROPFIND answer's body for /media/sub/ with this resourcetype element."""
+    return (b'<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus xmlns:D="DAV:">'
+            b"<D:response><D:href>/media/sub/</D:href><D:propstat><D:prop>%s</D:prop>"
+            b"<D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response></D:multistatus>"
+            % resourcetype)
+
+
+# A collection as Apache's mod_dav_fs says it (its live properties in their
+# own prefix), as lighttpd says it, and in a default namespace.
+COLLECTION_ANSWERS = {
+    "apache": b'<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus xmlns:D="DAV:">\n'
+              b'<D:response xmlns:lp2="http://apache.org/dav/props/" xmlns:lp1="DAV:">\n'
+              b"<D:href>/media/sub/</D:href>\n<D:propstat>\n<D:prop>\n"
+              b"<lp1:resourcetype><D:collection/></lp1:resourcetype>\n</D:prop>\n"
+              b"<D:status>HTTP/1.1 200 OK</D:status>\n</D:propstat>\n</D:response>\n"
+              b"</D:multistatus>\n",
+    "lighttpd": multistatus(b"<D:resourcetype><D:collection/></D:resourcetype>"),
+    "default-namespace": b'<multistatus xmlns="DAV:"><response><href>/media/sub/</href>'
+                         b"<propstat><prop><resourcetype><collection></collection>"
+                         b"</resourcetype></prop><status>HTTP/1.1 200 OK</status></propstat>"
+                         b"</response></multistatus>",
+}
+
+
+@pytest.mark.parametrize("answer", list(COLLECTION_ANSWERS.values()),
+                         ids=list(COLLECTION_ANSWERS))
+def test_webdav_mkcol_race_lost_to_a_collection_made_meanwhile(answer, canned_host):
+    # Issue 12: Apache answers 403 to a MKCOL whose collection a concurrent
+    # request has just made. A PROPFIND finds it there: the save goes on.
+    host = canned_host(canned_answer(409), canned_answer(201), canned_answer(403),
+                       canned_answer(207, answer), canned_answer(201), canned_answer(201))
+    transport = one_attempt_transport()
+    assert transport.create(host.address, "sub/x.txt", b"x") is True
+    # Found is as good as made: the next save into it is a bare PUT.
+    assert transport.create(host.address, "sub/y.txt", b"y") is True
+    assert [head.split(b"\r\n")[0] for head, _ in host.requests] == [
+        b"PUT /media/sub/x.txt HTTP/1.1", b"MKCOL /media/ HTTP/1.1",
+        b"MKCOL /media/sub/ HTTP/1.1", b"PROPFIND /media/sub/ HTTP/1.1",
+        b"PUT /media/sub/x.txt HTTP/1.1", b"PUT /media/sub/y.txt HTTP/1.1"]
+    head, body = host.requests[3]
+    assert b"\r\nDepth: 0\r\n" in head
+    asked = xml.etree.ElementTree.fromstring(body)
+    assert [prop.tag for prop in asked.find("{DAV:}prop")] == ["{DAV:}resourcetype"]
+
+
+@pytest.mark.parametrize("answer", [
+    canned_answer(404),
+    canned_answer(405),  # no PROPFIND here (nginx without dav-ext)
+    canned_answer(207, multistatus(b"<D:resourcetype/>")),  # a file, not a collection
+    canned_answer(207, b"<html>Multi-Status</html"),  # not XML
+], ids=["missing", "no-propfind", "not-a-collection", "not-xml"])
+def test_webdav_mkcol_refused_and_no_collection_there_is_an_error(answer, canned_host):
+    host = canned_host(canned_answer(409), canned_answer(201), canned_answer(403), answer)
+    with pytest.raises(UnexpectedStatusCode) as info:
+        one_attempt_transport().create(host.address, "sub/x.txt", b"x")
+    error = info.value
+    assert (error.method, error.status) == ("PUT", 409)
+    assert "MKCOL http://%s/media/sub/ answered 403" % host.address in str(error)
+    assert "refuses to create directories" in str(error)
+    assert len(host.requests) == 4  # no second PUT
 
 
 @pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
@@ -1551,6 +1624,53 @@ def test_webdav_servers_get_parent_collections(storage_class, webdav_hosts, tmp_
         assert mkcols == [("/media/", "201"), ("/media/new%20dir/", "201"),
                           ("/media/new%20dir/caf%C3%A9/", "201"),
                           ("/media/new%20dir/other/", "201")]
+
+
+def test_webdav_servers_concurrent_saves_into_new_directories(webdav_hosts):
+    # Issue 12: Apache answers 403 to the MKCOL that loses a race to make a
+    # collection (before the fix, half of these rounds failed). Each round,
+    # 20 saves at once into a new directory and ten new subdirectories shared
+    # by pairs, the process's memory of collections forgotten, so that every
+    # save races for every collection. One host: 20 connections stay within
+    # the session's Apache (16 threads).
+    host = webdav_hosts.hosts[0]
+    storage = DistributedStorage(hosts=[host])
+    written = {}
+    for round_number in range(10):
+        django_resto_gevent._known_collections.clear()
+        django_resto_gevent._collection_hosts.clear()
+        names = ["round%d/pair%d/%d.txt" % (round_number, index // 2, index)
+                 for index in range(20)]
+        saves = [gevent.spawn(storage.save, name, ContentFile(name.encode() * 50))
+                 for name in names]
+        gevent.joinall(saves, timeout=60)
+        failures = [(name, save.exception) for name, save in zip(names, saves, strict=True)
+                    if not save.successful()]
+        assert failures == [], "round %d" % round_number
+        assert [save.value for save in saves] == names
+        written.update((name, name.encode() * 50) for name in names)
+    for name, data in written.items():
+        with open(webdav_hosts.path(0, name), "rb") as stored:
+            assert stored.read() == data, name
+    # Every MKCOL that lost its race was followed by a PROPFIND that found it.
+    statuses = [(method, status) for method, _, status, _ in webdav_hosts.requests(0)
+                if method in ("MKCOL", "PROPFIND")]
+    assert {status for method, status in statuses if method == "MKCOL"} <= {"201", "403", "405"}
+    lost = statuses.count(("MKCOL", "403"))
+    assert [entry for entry in statuses if entry[0] == "PROPFIND"] == [("PROPFIND", "207")] * lost
+
+
+def test_webdav_servers_say_which_urls_are_collections(webdav_hosts):
+    # What the lost-race check asks (PROPFIND, Depth 0) and what each
+    # server answers: nginx without dav-ext knows no PROPFIND (405), but
+    # answers a lost MKCOL race with 405 itself, so never needs to be asked.
+    transport = one_attempt_transport()
+    host = webdav_hosts.hosts[0]
+    transport.create(host, "d/f.txt", b"f")
+    answers = {path: transport._is_collection(host, transport.url(host, path))
+               for path in ("d/", "missing/", "d/f.txt")}
+    knows_propfind = webdav_hosts.name != "nginx"
+    assert answers == {"d/": knows_propfind, "missing/": False, "d/f.txt": False}
 
 
 ###############################################################################
@@ -2802,6 +2922,56 @@ def test_pool_made_before_patching_is_not_reused_after():
     assert python_output(script).strip() == "False"
 
 
+LATE_SSL_SCRIPT = r"""
+import json, socket, sys
+if sys.argv[1] == "patched-first":
+    from gevent import monkey
+    monkey.patch_all()
+import django
+from django.conf import settings
+settings.configure(MEDIA_URL="/media/")
+django.setup()
+from django.core.files.base import ContentFile
+import django_resto_gevent as resto
+if sys.argv[1] == "patched-late":  # what gunicorn --preload's gevent worker does
+    from gevent import monkey
+    monkey.patch_all()
+
+# An https:// host whose port refuses connections, and a plain one.
+closed = socket.socket()
+closed.bind(("127.0.0.1", 0))
+tls = resto.DistributedStorage(hosts=["https://127.0.0.1:%d" % closed.getsockname()[1]],
+                               retries=0)
+server = resto.MediaServer().start()
+plain = resto.DistributedStorage(hosts=[server.address])
+report = {"https": [], "plain": []}
+for attempt in range(2):
+    try:
+        tls.save("tls.txt", ContentFile(b"t"))
+    except resto.ReplicationError as error:
+        cause = error.failures[0][1]
+        report["https"].append([type(cause).__name__, str(cause)])
+    report["plain"].append(plain.save("plain-%d.txt" % attempt, ContentFile(b"p")))
+server.stop()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("mode", ["unpatched", "patched-first", "patched-late"])
+def test_ssl_patched_after_urllib3_is_a_clear_error(mode):
+    report = json.loads(python_output(LATE_SSL_SCRIPT, mode))
+    assert report["plain"] == ["plain-0.txt", "plain-1.txt"]  # plain HTTP works regardless
+    kinds = [kind for kind, _ in report["https"]]
+    if mode != "patched-late":
+        assert kinds == ["TransportError"] * 2  # the port refused: nothing else went wrong
+        return
+    # Every time, not only at the first request of the process.
+    assert kinds == ["ImproperlyConfigured"] * 2
+    message = report["https"][0][1]
+    assert message.startswith("gevent patched the ssl module after urllib3 had imported it")
+    assert "at the top of gunicorn.conf.py" in message
+
+
 @pytest.fixture
 def served_directory(tmp_path):
     """Start ``python -m django_resto_gevent serve`` on a directory; stop it by PID."""
@@ -2864,6 +3034,9 @@ settings.configure(
     MEDIA_ROOT=os.environ["E2E_MEDIA_ROOT"],
     MEDIA_URL="/media/",
     RESTO_MEDIA_HOSTS=os.environ["E2E_HOSTS"].split(","),
+    RESTO_CA_BUNDLE=os.environ.get("E2E_CA_BUNDLE"),
+    RESTO_HTTP_AUTH=os.environ["E2E_HTTP_AUTH"].split(":") if "E2E_HTTP_AUTH" in os.environ
+    else None,
     STORAGES={
         "default": {"BACKEND": "django_resto_gevent.AsyncStorage"},
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
@@ -2910,28 +3083,35 @@ def find_gunicorn():
         "gunicorn")
 
 
-def test_gunicorn_sigterm_flushes_pending_replications(nginx_hosts, tmp_path):
+@contextlib.contextmanager
+def gunicorn_site(tmp_path, config, hosts, *options, **env):
+    """Serve GUNICORN_SITE under ``gunicorn -k gevent -w 1`` with ``config``.
+
+    ``hosts`` are its media hosts, ``options`` more gunicorn options, ``env``
+    more environment. Yields a namespace with the ``port``; after the block,
+    gunicorn has had SIGTERM and exited, and the namespace also holds its
+    ``returncode`` and ``stderr`` (kept in a file: a full pipe would stall it).
+    """
     gunicorn = find_gunicorn()
     if gunicorn is None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("CI=true but gunicorn is not installed (pip install -e .[test])")
         pytest.skip("gunicorn is not installed")
     (tmp_path / "e2e_site.py").write_text(GUNICORN_SITE)
-    (tmp_path / "e2e_gunicorn.py").write_text(GUNICORN_CONFIG)
+    (tmp_path / "e2e_gunicorn.py").write_text(config)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # Slow paths to the nginx hosts keep replications pending at SIGTERM (a
-    # gevent worker notices the signal within a second; each upload takes ~3 s).
-    proxies = [DelayProxy(host, 0.2).start() for host in nginx_hosts.hosts]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, str(tmp_path)]),
-               E2E_MEDIA_ROOT=str(tmp_path / "media"),
-               E2E_HOSTS=",".join(proxy.address for proxy in proxies))
-    process = subprocess.Popen(
-        [gunicorn, "-k", "gevent", "-w", "1", "-b", "127.0.0.1:%d" % port, "-c",
-         str(tmp_path / "e2e_gunicorn.py"), "--graceful-timeout", "60", "e2e_site:application"],
-        cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+               E2E_MEDIA_ROOT=str(tmp_path / "media"), E2E_HOSTS=",".join(hosts), **env)
+    site = types.SimpleNamespace(port=port, returncode=None, stderr=None)
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [gunicorn, "-k", "gevent", "-w", "1", "-b", "127.0.0.1:%d" % port, "-c",
+             str(tmp_path / "e2e_gunicorn.py"), *options, "e2e_site:application"],
+            cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=log,
+        )
     try:
         for _ in range(300):
             try:
@@ -2941,19 +3121,10 @@ def test_gunicorn_sigterm_flushes_pending_replications(nginx_hosts, tmp_path):
                 pass
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=0.1)
-                pytest.fail("gunicorn exited: " + process.stderr.read())
+                pytest.fail("gunicorn exited: " + log_path.read_text())
         else:
             pytest.fail("gunicorn did not accept connections within 30 seconds")
-        http = urllib3.PoolManager(retries=False, timeout=30)
-        uploads = {"e2e/%d.bin" % index: os.urandom(1024 * 1024) for index in range(6)}
-        pending_seen = []
-        for name, data in uploads.items():
-            response = http.request("POST", "http://127.0.0.1:%d/upload/%s" % (port, name),
-                                    body=data)
-            assert response.status == 200, response.data[:500]
-            saved, pending = response.data.decode().split()
-            assert saved == name
-            pending_seen.append(int(pending))
+        yield site
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -2962,17 +3133,96 @@ def test_gunicorn_sigterm_flushes_pending_replications(nginx_hosts, tmp_path):
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=10)
-            for proxy in proxies:
-                proxy.stop()
-    stderr = process.stderr.read()
-    process.stderr.close()
-    assert process.returncode == 0, stderr
+    site.returncode = process.returncode
+    site.stderr = log_path.read_text()
+
+
+def test_gunicorn_sigterm_flushes_pending_replications(nginx_hosts, tmp_path):
+    # Slow paths to the nginx hosts keep replications pending at SIGTERM (a
+    # gevent worker notices the signal within a second; each upload takes ~3 s).
+    proxies = [DelayProxy(host, 0.2).start() for host in nginx_hosts.hosts]
+    try:
+        with gunicorn_site(tmp_path, GUNICORN_CONFIG,
+                           [proxy.address for proxy in proxies],
+                           "--graceful-timeout", "60") as site:
+            http = urllib3.PoolManager(retries=False, timeout=30)
+            uploads = {"e2e/%d.bin" % index: os.urandom(1024 * 1024) for index in range(6)}
+            pending_seen = []
+            for name, data in uploads.items():
+                response = http.request(
+                    "POST", "http://127.0.0.1:%d/upload/%s" % (site.port, name), body=data)
+                assert response.status == 200, response.data[:500]
+                saved, pending = response.data.decode().split()
+                assert saved == name
+                pending_seen.append(int(pending))
+    finally:
+        for proxy in proxies:
+            proxy.stop()
+    assert site.returncode == 0, site.stderr
     assert max(pending_seen) > 0  # each view returned before its replication ended
-    pending_at_exit = re.findall("worker_exit pending=([0-9]+)", stderr)
-    assert pending_at_exit, stderr
+    pending_at_exit = re.findall("worker_exit pending=([0-9]+)", site.stderr)
+    assert pending_at_exit, site.stderr
     assert int(pending_at_exit[0]) > 0  # SIGTERM came while replications were pending
     for name, data in uploads.items():
         _assert_on_nginx(nginx_hosts, name, data)
+
+
+def readme_gunicorn_config():
+    """Return the gunicorn.conf.py that README.rst's deployment section shows."""
+    with open(os.path.join(HERE, "README.rst")) as readme:
+        block = readme.read().split("with that hook::\n\n", 1)[1]
+    lines = itertools.takewhile(lambda line: not line or line.startswith("    "),
+                                block.split("\n"))
+    return textwrap.dedent("\n".join(lines))
+
+
+@pytest.mark.parametrize("config", ["worker-patches", "readme"])
+def test_gunicorn_preload_with_https_hosts(config, nginx_https, certificates, tmp_path):
+    # With --preload the master imports the application (and urllib3);
+    # gunicorn's gevent worker patches after fork(), unless README's
+    # gunicorn.conf.py patched first.
+    if config == "readme":
+        config_text = readme_gunicorn_config()
+        assert config_text.startswith("from gevent import monkey\n\nmonkey.patch_all()")
+        assert "preload_app = True" in config_text
+        options = ()
+    else:
+        config_text, options = GUNICORN_CONFIG, ("--preload", "--graceful-timeout", "60")
+    with gunicorn_site(
+        tmp_path, config_text, nginx_https.hosts, *options,
+        E2E_CA_BUNDLE=certificates.ca, E2E_HTTP_AUTH="%s:%s" % (NGINX_USER, NGINX_PASSWORD),
+    ) as site:
+        http = urllib3.PoolManager(retries=False, timeout=30)
+        uploads = {"preload/%d.bin" % index: os.urandom(64 * 1024) for index in range(2)}
+        for name, data in uploads.items():
+            response = http.request(
+                "POST", "http://127.0.0.1:%d/upload/%s" % (site.port, name), body=data)
+            assert response.status == 200, response.data[:500]
+            assert response.data.decode().split()[0] == name
+    assert site.returncode == 0, site.stderr
+    assert "maximum recursion depth" not in site.stderr
+    failed = re.findall(r"Failed to create (\S+) on (\S+)\. (.*)", site.stderr)
+    if config == "readme":
+        assert failed == [], site.stderr
+        assert "MonkeyPatchWarning" not in site.stderr
+        for name, data in uploads.items():
+            _assert_on_nginx(nginx_https, name, data)
+        return
+    assert "MonkeyPatchWarning" in site.stderr  # gevent's own hint, as README says
+    # What the sysadmin finds in the log: once per file and host.
+    assert sorted((name, host) for name, host, _ in failed) == sorted(
+        (name, host) for name in uploads for host in nginx_https.hosts), site.stderr
+    for _, _, message in failed:
+        assert message == (
+            "gevent patched the ssl module after urllib3 had imported it, so HTTPS "
+            "requests to the media hosts would fail with RecursionError (gevent issue "
+            "#1016). gunicorn --preload with gevent workers does this: the application "
+            "is loaded before the worker patches. Patch first, at the top of "
+            "gunicorn.conf.py (from gevent import monkey; monkey.patch_all()), or do not "
+            "use --preload. Elsewhere, patch first thing in the script that starts the "
+            "process.")
+    for name in uploads:
+        _assert_gone_from_nginx(nginx_https, name)
 
 
 ###############################################################################
