@@ -39,7 +39,7 @@ import urllib3
 from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files import File
 from django.core.files.base import ContentFile
-from django.core.files.storage import default_storage
+from django.core.files.storage import FileSystemStorage, default_storage
 from django.test import override_settings
 
 import django_resto_gevent
@@ -1624,6 +1624,115 @@ def test_nginx_body_limit_is_explained(tmp_path_factory, tmp_path):
         assert not any(os.path.exists(limited.path(index, "big.bin")) for index in range(3))
     finally:
         limited.stop()
+
+
+###############################################################################
+# Storages: Django's storage contract, on real nginx media hosts
+###############################################################################
+
+
+@storage_kinds()
+def test_contract_urls_quote_as_filesystem_storage_and_serve_the_file(storage_class,
+                                                                      nginx_hosts, tmp_path):
+    base_url = "http://%s/media/" % nginx_hosts.hosts[0]
+    storage = make_storage(storage_class, nginx_hosts.hosts, tmp_path, base_url=base_url)
+    reference = FileSystemStorage(location=str(tmp_path / "reference"), base_url=base_url)
+    for name in ["a b/caf\u00e9 #1?.txt", "100%.txt", "plain.txt"]:
+        assert storage.save(name, ContentFile(name.encode())) == name
+        settle(storage)
+        assert storage.url(name) == reference.url(name)
+        answer = urllib3.request("GET", storage.url(name), retries=False, timeout=5)
+        assert (answer.status, answer.data) == (200, name.encode())
+
+
+@storage_kinds()
+def test_contract_settings_changes_reach_filesystem_storage_keywords(storage_class,
+                                                                     nginx_hosts, tmp_path):
+    # Location, base_url and permissions come from settings, read when used
+    # (setting_changed), as FileSystemStorage's do; the hosts' path is
+    # MEDIA_URL's path.
+    storage = storage_class(hosts=nginx_hosts.hosts)
+    with override_settings(MEDIA_ROOT=str(tmp_path / "moved"),
+                           MEDIA_URL="http://cdn.example/media/",
+                           FILE_UPLOAD_PERMISSIONS=0o640,
+                           FILE_UPLOAD_DIRECTORY_PERMISSIONS=0o750):
+        assert storage.base_url == "http://cdn.example/media/"
+        assert storage.url("x y.txt") == "http://cdn.example/media/x%20y.txt"
+        name = storage.save("dir/perm.txt", ContentFile(b"p"))
+        settle(storage)
+        _assert_on_nginx(nginx_hosts, name, b"p")
+        if storage_class is not DistributedStorage:
+            assert storage.location == str(tmp_path / "moved")
+            assert (tmp_path / "moved" / "dir" / "perm.txt").stat().st_mode & 0o777 == 0o640
+            assert (tmp_path / "moved" / "dir").stat().st_mode & 0o777 == 0o750
+    assert storage.base_url == "/media/"
+
+
+@pytest.mark.parametrize("storage_class", [HybridStorage, AsyncStorage],
+                         ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("how", ["allow_overwrite", "open"])
+def test_contract_permissions_hold_for_files_written_in_place(storage_class, how, nginx_hosts,
+                                                              tmp_path):
+    with override_settings(FILE_UPLOAD_PERMISSIONS=0o604,
+                           FILE_UPLOAD_DIRECTORY_PERMISSIONS=0o701):
+        storage = make_storage(storage_class, nginx_hosts.hosts, tmp_path,
+                               allow_overwrite=how == "allow_overwrite")
+        if how == "open":
+            with storage.open("deep/er/w.txt", "wb") as opened:
+                opened.write(b"w")
+        else:
+            storage.save("deep/er/w.txt", ContentFile(b"w"))
+        settle(storage)
+    master = tmp_path / "master" / "deep" / "er"
+    assert (master / "w.txt").stat().st_mode & 0o777 == 0o604
+    assert master.stat().st_mode & 0o777 == 0o701
+    _assert_on_nginx(nginx_hosts, "deep/er/w.txt", b"w")
+
+
+@pytest.mark.parametrize("storage_class", [HybridStorage, AsyncStorage],
+                         ids=lambda cls: cls.__name__)
+def test_contract_concurrent_saves_of_one_name_get_their_own_names(storage_class,
+                                                                   nginx_hosts, tmp_path):
+    storage = make_storage(storage_class, nginx_hosts.hosts, tmp_path)
+    contents = [b"racer %d" % index for index in range(8)]
+    greenlets = [gevent.spawn(storage.save, "race.txt", ContentFile(data))
+                 for data in contents]
+    gevent.joinall(greenlets, timeout=30, raise_error=True)
+    settle(storage)
+    names = [greenlet.value for greenlet in greenlets]
+    assert len(set(names)) == len(names)
+    for name, data in zip(names, contents, strict=True):
+        _assert_on_nginx(nginx_hosts, name, data)
+        assert (tmp_path / "master" / name).read_bytes() == data
+
+
+@storage_kinds()
+def test_contract_overwrites_truncate_on_every_host(storage_class, nginx_hosts, tmp_path,
+                                                    caplog):
+    storage = make_storage(storage_class, nginx_hosts.hosts, tmp_path, allow_overwrite=True)
+    long, short = b"x" * 5000, b"short"
+    assert storage.save(pathlib.Path("o/over.bin"), ContentFile(long)) == "o/over.bin"
+    settle(storage)
+    assert storage.save("o/over.bin", ContentFile(short)) == "o/over.bin"
+    settle(storage)
+    _assert_on_nginx(nginx_hosts, "o/over.bin", short)
+    with storage.open("o/over.bin", "w") as opened:
+        opened.write("caf\u00e9")
+    settle(storage)
+    _assert_on_nginx(nginx_hosts, "o/over.bin", "caf\u00e9".encode())
+    with storage.open("o/over.bin", "ab") as opened:
+        opened.write(b"!")
+    settle(storage)
+    _assert_on_nginx(nginx_hosts, "o/over.bin", "caf\u00e9!".encode())
+    assert storage.size("o/over.bin") == len("caf\u00e9!".encode())
+    with storage.open("o/over.bin", "r") as opened:
+        assert opened.read() == "caf\u00e9!"
+    storage.delete(pathlib.Path("o/over.bin"))
+    settle(storage)
+    _assert_gone_from_nginx(nginx_hosts, "o/over.bin")
+    assert resto_records(caplog, logging.WARNING) == []
+    assert resto_records(caplog) == []
+
 
 
 ###############################################################################
