@@ -1088,14 +1088,20 @@ class _AnswerReader:
         del self._buffer[:count]
         return data
 
-    def _lines(self, what):
+    def _lines(self, what, head=False):
         """Return the lines up to the next empty one, decoded, their ends removed.
 
         An empty line first gives no lines. A bare LF ends a line too
-        (RFC 9112 section 2.2 allows a recipient that), leniently.
+        (RFC 9112 section 2.2 allows a recipient that), leniently. A
+        ``head`` whose first byte cannot start a status line (a control
+        character or a blank: TLS, a leading space) is refused at once,
+        rather than waited for.
         """
         start = 0
         while True:
+            if head and self._buffer and self._buffer[0] < 0x21:
+                raise _NotHTTP("not an HTTP/1.x answer: it starts with %r"
+                               % bytes(self._buffer[:20]))
             if self._buffer[:1] == b"\n" or self._buffer[:2] == b"\r\n":
                 bare = self._buffer[:1] == b"\n"
                 self.lenient |= bare
@@ -1205,9 +1211,7 @@ class _AnswerReader:
         any other is kept, up to _MAX_ANSWER_BODY.
         """
         for _interim in range(_MAX_INTERIM_ANSWERS + 1):
-            lines = self._lines("answer head")
-            if not lines:
-                raise _NotHTTP("an empty line where the status line should be")
+            lines = self._lines("answer head", head=True)
             status_line = _STATUS_LINE.fullmatch(lines[0])
             if status_line is None or status_line.group(1) != "1":
                 raise _NotHTTP("not an HTTP/1.x status line: %r" % lines[0][:100])
