@@ -921,28 +921,22 @@ def seaweed(tmp_path_factory):
 
 
 ###############################################################################
-# A loopback delay proxy
+# Loopback servers: a delay proxy
 ###############################################################################
 
 
-class DelayProxy:
-    """Forward TCP connections to ``target`` ("host:port"), ``delay`` seconds per chunk.
+class LoopbackServer:
+    """A TCP server on a free loopback port, each connection on a greenlet of this process.
 
-    Each chunk of at most 64 KiB waits ``delay`` before it is forwarded, in
-    both directions, so a transfer slows down with its size: a stand-in for
-    a distant or slow media host in front of a real one. Runs on greenlets
-    of this (patched) process.
+    Subclasses handle a connection in ``_handle(sock, address)``.
     """
 
-    def __init__(self, target, delay):
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
-        self.delay = delay
+    def __init__(self):
         self._server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
 
     @property
     def address(self):
-        """The ``"127.0.0.1:port"`` entry to use instead of the target."""
+        """The ``"127.0.0.1:port"`` entry of this server."""
         return "127.0.0.1:%d" % self._server.server_port
 
     def start(self):
@@ -951,8 +945,27 @@ class DelayProxy:
         return self
 
     def stop(self):
-        """Stop accepting and close every forwarded connection."""
+        """Stop accepting and close every connection."""
         self._server.stop(timeout=1)
+
+    def _handle(self, sock, address):
+        raise NotImplementedError
+
+
+class DelayProxy(LoopbackServer):
+    """Forward TCP connections to ``target`` ("host:port"), ``delay`` seconds per chunk.
+
+    Each chunk of at most 64 KiB waits ``delay`` before it is forwarded, in
+    both directions, so a transfer slows down with its size: a stand-in for
+    a distant or slow media host in front of a real one (use its
+    ``address`` instead of the target's).
+    """
+
+    def __init__(self, target, delay):
+        super().__init__()
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.delay = delay
 
     def _handle(self, client, _address):
         """Pipe one connection both ways until either side closes."""
@@ -975,3 +988,154 @@ class DelayProxy:
                 destination.sendall(chunk)
         except OSError:
             return
+
+
+###############################################################################
+# A raw host, for the tests of the answer reader
+###############################################################################
+
+# What a raw host answers a request for anything but one of its cases.
+RAW_MARKER = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nMARKER"
+RAW_MARKER_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n"
+
+
+class RawAnswer:
+    """What a RawHost sends for one case, byte for byte.
+
+    ``data`` goes ``delay`` seconds after the request came, in segments of
+    ``sizes`` (None: one send), ``pause`` seconds apart; then ``repeat``,
+    again and again for at most ``repeat_seconds`` (a host whose answer
+    never ends), ``pause`` apart.
+    ``close`` closes the connection after the answer; ``before_next`` is
+    sent when the next request comes on the same connection, ahead of its
+    answer (the late half of a smuggled answer).
+    """
+
+    def __init__(self, data, sizes=None, pause=0.0, repeat=b"", repeat_seconds=30.0,
+                 close=False, before_next=b"", delay=0.0):
+        self.data = data
+        self.delay = delay
+        self.sizes = sizes
+        self.pause = pause
+        self.repeat = repeat
+        self.repeat_seconds = repeat_seconds
+        self.close = close
+        self.before_next = before_next
+
+
+class RawHost(LoopbackServer):
+    """A plain HTTP/1.1 host on loopback that sends canned answers as they are.
+
+    A request for ``/media/case/<i>`` gets ``answers[i]`` (a RawAnswer); any
+    other the marker answer, ``MARKER`` (its head alone to HEAD). Each
+    request is recorded as (connection number, method, path) in
+    ``requests``: requests that shared a connection share its number.
+    """
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = answers
+        self.requests = []
+        self._connections = 0
+
+    def connection_of(self, path):
+        """Return the number of the connection that carried the request for ``path``."""
+        return next(number for number, _method, sent in self.requests if sent == path)
+
+    def _handle(self, sock, _address):
+        """Answer the requests of one connection, until either side closes it."""
+        self._connections += 1
+        number = self._connections
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(30)
+        buffer = b""
+        pending = b""
+        try:
+            for _request in range(100000):
+                head, buffer = _read_raw_request(sock, buffer)
+                if head is None:
+                    return
+                method, path = head
+                self.requests.append((number, method, path))
+                answer = self._answer(method, path)
+                if pending:
+                    sock.sendall(pending)
+                pending = answer.before_next
+                _send_raw_answer(sock, answer)
+                if answer.close:
+                    return
+        except OSError:
+            return  # the client went away, or never sent a whole request
+        finally:
+            sock.close()
+
+    def _answer(self, method, path):
+        """Return the RawAnswer for a request of ``method`` for ``path``."""
+        prefix = "/media/case/"
+        if path.startswith(prefix) and path[len(prefix):].isdigit():
+            return self.answers[int(path[len(prefix):])]
+        return RawAnswer(RAW_MARKER_HEAD if method == "HEAD" else RAW_MARKER)
+
+
+def _read_raw_request(sock, buffer):
+    """Return ((method, path), what follows) of the next request; (None, b"") at the end.
+
+    The body (Content-Length) is read and dropped.
+    """
+    while b"\r\n\r\n" not in buffer:
+        if len(buffer) > 65536:
+            raise OSError("a request head over 64 KiB")
+        data = sock.recv(65536)
+        if not data:
+            return None, b""
+        buffer += data
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _version = lines[0].split(" ")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    while len(buffer) < length:
+        data = sock.recv(65536)
+        if not data:
+            return None, b""
+        buffer += data
+    return (method, path), buffer[length:]
+
+
+def _send_raw_answer(sock, answer):
+    """Send ``answer`` (a RawAnswer) as it says."""
+    if answer.delay:
+        time.sleep(answer.delay)
+    offset = 0
+    for index, size in enumerate(answer.sizes or [len(answer.data)]):
+        if index and answer.pause:
+            time.sleep(answer.pause)
+        sock.sendall(answer.data[offset:offset + size])
+        offset += size
+    if not answer.repeat:
+        return
+    # Without pauses, in blocks that keep the client's receive buffer full.
+    block = answer.repeat if answer.pause else answer.repeat * max(1, 65536 // len(answer.repeat))
+    stop = time.monotonic() + answer.repeat_seconds
+    while time.monotonic() < stop:
+        sock.sendall(block)
+        if answer.pause:
+            time.sleep(answer.pause)
+
+
+@pytest.fixture
+def raw_host():
+    """Return a factory of started RawHosts (given their answers), stopped after the test."""
+    started = []
+
+    def start(answers):
+        host = RawHost(answers).start()
+        started.append(host)
+        return host
+
+    yield start
+    for host in started:
+        host.stop()

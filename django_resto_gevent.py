@@ -72,10 +72,12 @@ import json
 import logging
 import mimetypes
 import os
+import pathlib
 import queue
 import random
 import re
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -127,6 +129,9 @@ _SETTINGS = {
     # None: every host when RESTO_FATAL_EXCEPTIONS, else 0 (see min_replicas).
     "min_replicas": ("RESTO_MIN_REPLICAS", None),
     "async_max_pending": ("RESTO_ASYNC_MAX_PENDING", 10000),
+    # Save under the name asked for, replacing any file there (Django 5.1's
+    # FileSystemStorage keyword), instead of finding a free variant.
+    "allow_overwrite": ("RESTO_ALLOW_OVERWRITE", False),
     # ("user", "password") for Basic auth, or a dict of headers to send.
     "http_auth": ("RESTO_HTTP_AUTH", None),
     # A PEM file of the CAs that sign the hosts' certificates (None: the
@@ -311,6 +316,7 @@ _CHECKS = {
     "retries": _check_count,
     "min_replicas": _check_optional_count,
     "async_max_pending": _check_positive_count,
+    "allow_overwrite": _check_flag,
     "http_auth": _check_http_auth,
     "ca_bundle": _check_ca_bundle,
     "tls_verify": _check_flag,
@@ -1100,14 +1106,20 @@ class _AnswerReader:
         del self._buffer[:count]
         return data
 
-    def _lines(self, what):
+    def _lines(self, what, head=False):
         """Return the lines up to the next empty one, decoded, their ends removed.
 
         An empty line first gives no lines. A bare LF ends a line too
-        (RFC 9112 section 2.2 allows a recipient that), leniently.
+        (RFC 9112 section 2.2 allows a recipient that), leniently. A
+        ``head`` whose first byte cannot start a status line (a control
+        character or a blank: TLS, a leading space) is refused at once,
+        rather than waited for.
         """
         start = 0
         while True:
+            if head and self._buffer and self._buffer[0] < 0x21:
+                raise _NotHTTP("not an HTTP/1.x answer: it starts with %r"
+                               % bytes(self._buffer[:20]))
             if self._buffer[:1] == b"\n" or self._buffer[:2] == b"\r\n":
                 bare = self._buffer[:1] == b"\n"
                 self.lenient |= bare
@@ -1218,9 +1230,7 @@ class _AnswerReader:
         whose ``write()`` returns False cuts the body there.
         """
         for _interim in range(_MAX_INTERIM_ANSWERS + 1):
-            lines = self._lines("answer head")
-            if not lines:
-                raise _NotHTTP("an empty line where the status line should be")
+            lines = self._lines("answer head", head=True)
             status_line = _STATUS_LINE.fullmatch(lines[0])
             if status_line is None or status_line.group(1) != "1":
                 raise _NotHTTP("not an HTTP/1.x status line: %r" % lines[0][:100])
@@ -1311,6 +1321,28 @@ def _read_answer(sock, method, deadline, read_timeout, sink=None):
 
 # --- Wire: one exchange ------------------------------------------------------
 
+def _connect(connection, idle_timeout, deadline):
+    """Open ``connection`` (TLS included) within the deadline.
+
+    urllib3 wraps a refused or timed-out connection in errors whose text
+    repeats the connection object: the socket's own error says it plainly.
+    """
+    connection.timeout = min(idle_timeout, deadline.remaining())
+    try:
+        with deadline.bounding():
+            connection.connect()
+    except (urllib3.exceptions.NewConnectionError,
+            urllib3.exceptions.ConnectTimeoutError) as exc:
+        cause = exc.__cause__
+        if isinstance(cause, TimeoutError) or isinstance(
+                exc, urllib3.exceptions.ConnectTimeoutError):
+            raise TimeoutError("no connection within %.1f seconds"
+                               % connection.timeout) from exc
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise
+
+
 def _exchange(pool, host, method, path, body, headers, size, idle_timeout, deadline,
               sink=None):
     """Send one request on a kept-alive connection of ``pool``; return its _Answer.
@@ -1329,19 +1361,17 @@ def _exchange(pool, host, method, path, body, headers, size, idle_timeout, deadl
     reused = connection.sock is not None
     try:
         if connection.sock is None:
-            connection.timeout = min(idle_timeout, deadline.remaining())
-            with deadline.bounding():
-                connection.connect()
-        sent = _send_request(connection.sock, head, body, size, idle_timeout, deadline)
-        answer = _read_answer(connection.sock, method, deadline, idle_timeout, sink)
+            _connect(connection, idle_timeout, deadline)
+        try:
+            sent = _send_request(connection.sock, head, body, size, idle_timeout, deadline)
+            answer = _read_answer(connection.sock, method, deadline, idle_timeout, sink)
+        except TimeoutError as exc:
+            raise deadline.explain(idle_timeout) from exc
         if not sent and 200 <= answer.status < 300:
             raise _AnswerError("the host answered %d before it took the whole request"
                                % answer.status)
         if not (sent and answer.reusable):
             connection.close()
-    except TimeoutError as exc:
-        connection.close()
-        raise deadline.explain(idle_timeout) from exc
     except _NoAnswer as exc:
         connection.close()
         if reused:
@@ -2910,14 +2940,15 @@ def _run_bounded(func, items, concurrency):
 # Storages
 ###############################################################################
 
-_ALLOWED_OPEN_MODES = ("rb", "br")
-
 # NUL, the other C0 controls and DEL: never part of a file name worth keeping.
 _CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
 
 
 def _check_name(name):
-    """Refuse a file name that could escape the storage, before any request."""
+    """Return ``name`` as a string (a pathlib path is converted), or refuse one
+    that could escape the storage, before any request."""
+    if isinstance(name, pathlib.PurePath):
+        name = name.as_posix()
     if not isinstance(name, str) or not name:
         raise SuspiciousFileOperation("File name %r is not a non-empty string." % (name,))
     if _CONTROL_CHARACTER.search(name):
@@ -2930,15 +2961,103 @@ def _check_name(name):
         )
     if ".." in name.replace("\\", "/").split("/"):
         raise SuspiciousFileOperation("File name %r contains a '..' component." % name)
+    return name
 
 
-def _check_mode(storage, mode):
-    """Refuse an open() mode other than reading bytes."""
-    if mode not in _ALLOWED_OPEN_MODES:
+def _check_name_to_delete(name):
+    """Refuse to delete no name, with FileSystemStorage's error; else as _check_name()."""
+    if not name:
+        raise ValueError("The name must be given to delete().")
+    return _check_name(name)
+
+
+# What open() does with each mode: read, write (truncate) or append; "b" or
+# "t" may follow. "+" and "x" modes are refused: a file is replicated whole,
+# once, when it is closed.
+_OPEN_MODES = {"r": "read", "w": "write", "a": "append"}
+
+
+def _open_mode(storage, mode):
+    """Return "read", "write" or "append" for the open() ``mode``, or refuse it."""
+    letters = mode if isinstance(mode, str) else ""
+    kind = _OPEN_MODES.get(letters.replace("b", "").replace("t", ""))
+    if kind is None or len(letters) > 2 or not {"b", "t"} - set(letters):
         raise ValueError(
-            "%s opens files for reading only: use mode 'rb', not %r. Write "
-            "files with save(), which replicates them." % (type(storage).__name__, mode)
-        )
+            "%s.open() takes mode 'r', 'w' or 'a', with 'b' for bytes or 't' for text, "
+            "not %r: a file written through the storage is replicated whole, once, when "
+            "it is closed, so '+' and 'x' modes are not offered." % (type(storage).__name__,
+                                                                     mode))
+    return kind
+
+
+class _WrittenFile(File):
+    """A file opened for writing through a storage, replicated when it is closed.
+
+    What is written goes to a temporary spool. ``close()`` hands it to the
+    storage once, which writes and replicates it as ``save()`` would
+    (errors raise from ``close()``); closing again does nothing. Leaving a
+    ``with`` block by an exception, or ``discard()``, drops what was
+    written: nothing is stored or replicated. Text modes encode as
+    FileSystemStorage's files do (Python's default text encoding).
+    """
+
+    def __init__(self, spool, name, mode, commit):
+        self._spool = spool
+        self._commit = commit
+        self._done = False
+        super().__init__(spool if "b" in mode else io.TextIOWrapper(spool), name)
+        self.mode = mode
+
+    @property
+    def closed(self):
+        """True once the file was closed or discarded."""
+        return self._done
+
+    def close(self):
+        """Store and replicate what was written, once."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            if self.file is not self._spool:
+                self.file.flush()
+                self.file.detach()  # the spool stays open for the commit
+            self._spool.seek(0)
+            self._commit(self._spool)
+        finally:
+            self._spool.close()
+
+    def discard(self):
+        """Drop what was written, storing and replicating nothing."""
+        if self._done:
+            return
+        self._done = True
+        if self.file is not self._spool:
+            self.file.detach()
+        self._spool.close()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+
+def _write_spool():
+    """Return an empty temporary file for a file opened for writing."""
+    # Handed to a _WrittenFile, which closes it.
+    return tempfile.TemporaryFile(  # noqa: SIM115
+        dir=getattr(settings, "FILE_UPLOAD_TEMP_DIR", None))
+
+
+def _check_name_length(name, max_length):
+    """Refuse a name kept as it is (allow_overwrite) that is over ``max_length``."""
+    if max_length and len(name) > max_length:
+        raise SuspiciousFileOperation(
+            "File name %r is %d characters long, over the field's max_length of %d; with "
+            "allow_overwrite the name is kept as it is: shorten it or raise max_length."
+            % (name, len(name), max_length))
+    return name
 
 
 class _ReplicationMixin:
@@ -3042,6 +3161,11 @@ class _ReplicationMixin:
         return value
 
     @property
+    def allow_overwrite(self):
+        """Whether a save keeps its name and replaces the file there (else a free variant)."""
+        return self._option("allow_overwrite")
+
+    @property
     def transport(self):
         """The transport for the current settings (kept until a setting changes)."""
         checked = self._checked()
@@ -3078,7 +3202,24 @@ class _ReplicationMixin:
         return results
 
     def _quorum_failed(self, action, name, results):
-        """Undo what a write that failed its quorum left behind (nothing here)."""
+        """Undo a save of a new file that failed its quorum, so that nothing is left behind.
+
+        Django never learns the name of a save that raised, so nothing could
+        refer to its copies: the copies that landed are deleted (best
+        effort, logged and signalled), then the master copy, if any. An
+        overwrite ("write") keeps what landed: the old file is gone anyway,
+        and ``sync`` repairs the rest.
+        """
+        if action != "create":
+            return
+        landed = [result.host for result in results if result.ok]
+        if landed:
+            cleanup = _fan_out(self.transport.delete, landed, name)
+            self._report("remove the partial copy of", name, cleanup)
+        self._remove_master(name)
+
+    def _remove_master(self, name):
+        """Remove the master copy of ``name`` (none here)."""
 
     def _report(self, action, name, results):
         """Log and signal each failed host; return the ``(host, error)`` failures."""
@@ -3101,20 +3242,25 @@ class _ReplicationMixin:
                                  receiver, outcome)
         return failures
 
-    def _put_payload(self, host, name, payload):
-        """Upload ``payload`` to ``host`` with a body of its own."""
-        return self.transport.create(host, name, payload.reader(), size=payload.size)
+    def _put_payload(self, host, name, payload, overwrite=False):
+        """Upload ``payload`` to ``host`` with a body of its own.
 
-    def _put_local_file(self, host, name):
+        An overwrite asked for (``overwrite``) is not warned about.
+        """
+        put = self.transport.put if overwrite else self.transport.create
+        return put(host, name, payload.reader(), size=payload.size)
+
+    def _put_local_file(self, host, name, overwrite=False):
         """Upload the master copy of ``name`` to ``host`` from its own file handle."""
+        put = self.transport.put if overwrite else self.transport.create
         with open(self.path(name), "rb") as local_file:
-            return self.transport.create(host, name, local_file)
+            return put(host, name, local_file)
 
     def save(self, name, content, max_length=None):
         """Save ``content`` as ``name`` (or a free variant) and replicate it."""
         if name is None:
             name = getattr(content, "name", None)
-        _check_name(name)
+        name = _check_name(name)
         checked = self._checked()
         if "configuration" not in checked:
             self._check_configuration()
@@ -3133,6 +3279,27 @@ class _ReplicationMixin:
                 "%s has S3 hosts (%s) but no credentials: set RESTO_S3_ACCESS_KEY_ID "
                 "and RESTO_S3_SECRET_ACCESS_KEY." % (type(self).__name__, ", ".join(s3_hosts)))
 
+    def open(self, name, mode="rb"):
+        """Open ``name``: for reading, or for writing, replicated when closed.
+
+        Modes "r" and "rb" read. "w" and "wb" write the file anew, "a" and
+        "ab" after its current content (a missing file starts empty); the
+        returned file is replicated when it is closed, under exactly this
+        name, as ``save()`` with allow_overwrite would (see _WrittenFile).
+        """
+        name = _check_name(name)
+        kind = _open_mode(self, mode)
+        if kind == "read":
+            return super().open(name, mode)
+        spool = _write_spool()
+        try:
+            if kind == "append":
+                self._copy_current(name, spool)
+        except BaseException:
+            spool.close()
+            raise
+        return _WrittenFile(spool, name, mode, functools.partial(self._commit_write, name))
+
     def __getstate__(self):
         # Checked options belong to this process's settings, not the unpickler's.
         state = self.__dict__.copy()
@@ -3147,53 +3314,118 @@ class _ReplicationMixin:
 
 
 class _LocalReadsMixin(_ReplicationMixin):
-    """Hybrid and Async: reads come from the master copy in the local location."""
+    """Hybrid and Async: a master copy in the local location, where reads come from."""
 
     def __init__(self, location=None, base_url=None, **options):
         extra = set(inspect.signature(FileSystemStorage.__init__).parameters) - {"self"}
         self._init_options(options, extra)
-        local = {key: value for key, value in options.items() if key in extra}
+        # allow_overwrite is this module's option (it has a setting, and works
+        # on every Django), not handed to FileSystemStorage.
+        local = {key: value for key, value in options.items()
+                 if key in extra and key not in _SETTINGS}
         super().__init__(location=location, base_url=base_url, **local)
 
     def delete(self, name):
         """Delete ``name`` locally, then on every media host."""
-        _check_name(name)
+        name = _check_name_to_delete(name)
         super().delete(name)
         self.execute(self.transport.delete, name)
 
     def exists(self, name):
         """Tell whether ``name`` exists in the master copy."""
-        _check_name(name)
-        return super().exists(name)
+        return super().exists(_check_name(name))
 
     def size(self, name):
         """Return the size of ``name`` in the master copy."""
-        _check_name(name)
-        return super().size(name)
+        return super().size(_check_name(name))
 
-    def open(self, name, mode="rb"):
-        """Open ``name`` from the master copy, for reading only."""
-        _check_name(name)
-        _check_mode(self, mode)
-        return super().open(name, mode)
+    def get_available_name(self, name, max_length=None):
+        """Return ``name`` itself with allow_overwrite, else a free variant, as Django does."""
+        if self.allow_overwrite:
+            return _check_name_length(_check_name(name), max_length)
+        return super().get_available_name(name, max_length=max_length)
+
+    def _save(self, name, content):
+        overwrite = self.allow_overwrite
+        if overwrite:
+            self._write_master(name, content)
+        else:
+            name = super()._save(name, content)
+        self._replicate(name, overwrite)
+        return name
+
+    def _replicate(self, name, overwrite):
+        """Replicate the master copy of ``name`` to every media host."""
+        raise NotImplementedError
+
+    def _write_master(self, name, content):
+        """Write ``content`` (a File or a binary file) as the master copy of ``name``.
+
+        It is written to a temporary file beside the master copy, then
+        renamed over it: a reader never sees half a file, and an old file
+        is replaced whole (a shorter one leaves none of the old bytes).
+        """
+        path = self.path(name)
+        directory = os.path.dirname(path)
+        mode = self.directory_permissions_mode
+        if mode is None:
+            os.makedirs(directory, exist_ok=True)
+        else:
+            old_umask = os.umask(0o777 & ~mode)
+            try:
+                os.makedirs(directory, mode, exist_ok=True)
+            finally:
+                os.umask(old_umask)
+        partial = os.path.join(directory, ".%s.%s.resto-part"
+                               % (os.path.basename(path), os.urandom(6).hex()))
+        try:
+            # Created as FileSystemStorage creates files: 0o666 less the umask.
+            with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666),
+                      "wb") as target:
+                chunks = (content.chunks() if hasattr(content, "chunks")
+                          else iter(functools.partial(content.read, _BLOCK_SIZE), b""))
+                for chunk in chunks:
+                    target.write(chunk.encode() if isinstance(chunk, str) else chunk)
+            if self.file_permissions_mode is not None:
+                os.chmod(partial, self.file_permissions_mode)
+            os.replace(partial, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(partial)
+            raise
+
+    def _copy_current(self, name, spool):
+        """Copy the master copy of ``name``, if any, into ``spool`` (to append to it)."""
+        with contextlib.suppress(FileNotFoundError), open(self.path(name), "rb") as current:
+            shutil.copyfileobj(current, spool, _BLOCK_SIZE)
+
+    def _commit_write(self, name, spool):
+        """Store what was written through open() as the master copy, then replicate it."""
+        self._write_master(name, spool)
+        self._replicate(name, overwrite=True)
+
+    def _remove_master(self, name):
+        """Remove the master copy of ``name``, if it is there."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.path(name))
 
 
 @deconstructible(path="django_resto_gevent.HybridStorage")
 class HybridStorage(_LocalReadsMixin, FileSystemStorage):
     """Save to the local location (master copy), then to every media host.
 
-    ``save()`` returns once every host answered; with RESTO_FATAL_EXCEPTIONS
-    a failure on any host raises ReplicationError (the master copy stays).
+    ``save()`` returns once every host answered. With RESTO_FATAL_EXCEPTIONS
+    a failure on any host raises ReplicationError; a new file that failed
+    its quorum is removed from the master copy and the hosts that took it.
     """
 
-    def _save(self, name, content):
-        name = super()._save(name, content)
+    def _replicate(self, name, overwrite):
         # The master copy is opened once; the hosts read it in place with
         # their own positions (a small one once, into memory).
         with open(self.path(name), "rb") as local_file, \
                 _Payload(File(local_file)) as payload:
-            self.execute(self._put_payload, name, payload, action="create")
-        return name
+            self.execute(self._put_payload, name, payload, overwrite,
+                         action="write" if overwrite else "create")
 
 
 @deconstructible(path="django_resto_gevent.AsyncStorage")
@@ -3208,10 +3440,9 @@ class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
     exit. Override ``execute_one`` to hand replication to a task queue.
     """
 
-    def _save(self, name, content):
-        name = super()._save(name, content)
-        self.execute(self._put_local_file, name, action="create")
-        return name
+    def _replicate(self, name, overwrite):
+        self.execute(self._put_local_file, name, overwrite,
+                     action="write" if overwrite else "create")
 
     @property
     def async_max_pending(self):
@@ -3457,9 +3688,26 @@ class DistributedStorage(_ReplicationMixin, Storage):
         return base_url
 
     def _save(self, name, content):
+        overwrite = self.allow_overwrite
         with _Payload(content) as payload:
-            self.execute(self._put_payload, name, payload, action="create")
+            self.execute(self._put_payload, name, payload, overwrite,
+                         action="write" if overwrite else "create")
         return name
+
+    def _commit_write(self, name, spool):
+        """PUT what was written through open() to every host, as an overwrite."""
+        with _Payload(File(spool)) as payload:
+            self.execute(self._put_payload, name, payload, True, action="write")
+
+    def _copy_current(self, name, spool):
+        """Copy ``name`` from the first host that has it into ``spool`` (to append to it)."""
+        def fetch(host, name):
+            spool.seek(0)
+            spool.truncate()
+            return self.transport.fetch(host, name, spool)
+
+        with contextlib.suppress(FileNotFoundError):
+            self._read_with_failover(fetch, name, "open")
 
     def _open(self, name, mode="rb"):
         # Handed to the caller inside the returned File, which closes it.
@@ -3478,18 +3726,11 @@ class DistributedStorage(_ReplicationMixin, Storage):
             spool.close()
             raise
         spool.seek(0)
-        return File(spool, name)
-
-    def open(self, name, mode="rb"):
-        """Open ``name`` from one media host, for reading only."""
-        _check_name(name)
-        _check_mode(self, mode)
-        return super().open(name, mode)
+        return File(spool if "b" in mode else io.TextIOWrapper(spool), name)
 
     def delete(self, name):
         """Delete ``name`` on every media host."""
-        _check_name(name)
-        self.execute(self.transport.delete, name)
+        self.execute(self.transport.delete, _check_name_to_delete(name))
 
     def exists(self, name):
         """Tell whether any media host has ``name`` (all are asked at once).
@@ -3497,7 +3738,7 @@ class DistributedStorage(_ReplicationMixin, Storage):
         False when none has it and at least one answered; raises
         ReplicationError when none answered.
         """
-        _check_name(name)
+        name = _check_name(name)
         _count_name_attempt(name)
         results = _fan_out(self.transport.exists, self.hosts, name)
         if any(result.ok and result.value for result in results):
@@ -3512,8 +3753,12 @@ class DistributedStorage(_ReplicationMixin, Storage):
 
         A host that says every name exists (lighttpd without
         ``static-file.disable-pathinfo``, for names under a file's name)
-        would otherwise keep Django's loop asking for ever.
+        would otherwise keep Django's loop asking for ever. With
+        allow_overwrite, ``name`` itself, without asking the hosts: the
+        save then costs one round trip instead of two.
         """
+        if self.allow_overwrite:
+            return _check_name_length(_check_name(name), max_length)
         token = _name_attempts.set((name, 0))
         try:
             return super().get_available_name(name, max_length=max_length)
@@ -3522,13 +3767,14 @@ class DistributedStorage(_ReplicationMixin, Storage):
 
     def size(self, name):
         """Return the size of ``name``, as the first media host that has it says."""
-        _check_name(name)
-        return self._read_with_failover(self.transport.size, name, "size")
+        return self._read_with_failover(self.transport.size, _check_name(name), "size")
 
     def url(self, name):
         """Return the URL of ``name`` under ``base_url``, as FileSystemStorage does."""
         if self.base_url is None:
             raise ValueError("This file is not accessible via a URL.")
+        if isinstance(name, pathlib.PurePath):
+            name = name.as_posix()
         url = filepath_to_uri(name)
         if url is not None:
             url = url.lstrip("/")
@@ -3604,14 +3850,6 @@ class DistributedStorage(_ReplicationMixin, Storage):
                              "time is unknown." % name)
         zone = datetime.UTC if settings.USE_TZ else None
         return datetime.datetime.fromtimestamp(entry.mtime, tz=zone)
-
-    def _quorum_failed(self, action, name, results):
-        """Delete the copies of a save that failed its quorum, so the name stays free."""
-        landed = [result.host for result in results if result.ok]
-        if action != "create" or not landed:
-            return
-        cleanup = _fan_out(self.transport.delete, landed, name)
-        self._report("remove the partial copy of", name, cleanup)
 
 
 ###############################################################################

@@ -17,7 +17,9 @@ markdown table with the ratios and whether each target is met:
 5. 1 KiB saves to 3 HTTPS hosts (nginx with TLS, signed by a CA made with
    ``openssl`` for the run) over kept-alive connections, against plain HTTP;
 6. scaling: 50 hosts behind the latency, and the threaded path (a process
-   that gevent did not patch) to 3 and 12 hosts.
+   that gevent did not patch) to 3 and 12 hosts;
+7. DistributedStorage with ``allow_overwrite`` (no HEAD round before the
+   PUTs) against without, 1 KiB to 3 hosts behind the latency.
 
 How. One nginx master serves 50 media hosts (``conftest.NginxHosts``) and a
 second one 3 HTTPS hosts; their roots, every ``MEDIA_ROOT`` and the source
@@ -359,10 +361,11 @@ class Bench:
         """Add a table row."""
         self.rows.append([section, measurement, storage, new, reference, ratio, target])
 
-    def sequential(self, label, class_name, hosts, saves, prefix, warm=3, ca_file=None):
+    def sequential(self, label, class_name, hosts, saves, prefix, warm=3, ca_file=None,
+                   options=None):
         """Run ``saves`` 1 KiB saves on worker ``label``; return their milliseconds."""
         command = {"op": "sequential", "class": class_name, "hosts": hosts, "size": 1024,
-                   "saves": saves, "prefix": prefix, "warm": warm}
+                   "saves": saves, "prefix": prefix, "warm": warm, "options": options or {}}
         if ca_file:
             command["ca_file"] = ca_file
         answer = self.workers[label].call(command)
@@ -411,6 +414,25 @@ class Bench:
                 ms_cell(new), ms_cell(old), "%.2f x; %.2f x %s" % (
                     new["median"] / old["median"], to_rtt,
                     "RTT" if trips == 1 else "2 RTT"), target)
+
+    def overwrite(self, proxies):
+        """Section 7: Distributed 1 KiB saves to 3 hosts behind the latency, with and
+        without allow_overwrite (which asks no host whether the name is taken)."""
+        saves = self.profile["latency_saves"]
+        combos = [(False,), (True,)]
+        runs = alternate(self.profile["reps"], ["new"], combos, lambda label, combo, rep:
+                         self.sequential(label, DISTRIBUTED, proxies[:3], saves,
+                                         "s7/%s/%d" % (combo[0], rep), warm=1,
+                                         options={"allow_overwrite": combo[0]}))
+        asking = summarise(runs[("new", (False,))])
+        kept = summarise(runs[("new", (True,))])
+        round_trip = 2 * DELAY * 1000
+        ratio = kept["median"] / asking["median"]
+        self.row(7, "1 KiB save() -> 3 hosts, %d ms one-way latency, allow_overwrite=True "
+                 "against False (reference)" % (DELAY * 1000), SHORT[DISTRIBUTED],
+                 ms_cell(kept), ms_cell(asking), "%.2f x; %.2f x RTT" % (
+                     ratio, kept["median"] / round_trip),
+                 "<= 0.55 x (one round trip, not two): %s" % verdict(ratio, 0.55))
 
     def throughput(self, hosts):
         """Section 3: 10 KiB saves to 3 hosts from 1 and 20 callers, ops/s."""
@@ -611,7 +633,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
     parser.add_argument("--reps", type=int, help="repetitions of each measurement")
-    parser.add_argument("--sections", default="1,2,3,4,5,6",
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7",
                         help="comma-separated sections to run (default: all)")
     args = parser.parse_args()
     profile = dict(PROFILES["quick" if args.quick else "full"])
@@ -646,7 +668,7 @@ def main():
         hosts = plain.hosts
         if 1 in sections:
             bench.small_saves(hosts)
-        if 2 in sections or 6 in sections:
+        if sections & {2, 6, 7}:
             proxies = [LatencyProxy(port, DELAY).start() for port in plain.ports]
         if 2 in sections:
             bench.latency_saves([proxy.address for proxy in proxies], (1, 3, 12), 2)
@@ -661,6 +683,8 @@ def main():
         if 6 in sections:
             bench.latency_saves([proxy.address for proxy in proxies], (50,), 6)
             bench.threaded(hosts)
+        if 7 in sections:
+            bench.overwrite([proxy.address for proxy in proxies])
         description = machine(bench.workers)
     finally:
         for proxy in proxies:

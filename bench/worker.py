@@ -68,14 +68,15 @@ class Worker:
                         version=self.module.__version__)
         return info
 
-    def _storage(self, class_name, hosts, ca_file=None):
-        """Return the cached storage of ``class_name`` over ``hosts``."""
-        key = (class_name, tuple(hosts))
+    def _storage(self, class_name, hosts, ca_file=None, extra=None):
+        """Return the cached storage of ``class_name`` over ``hosts``, with ``extra`` options."""
+        extra = extra or {}
+        key = (class_name, tuple(hosts), tuple(sorted(extra.items())))
         storage = self.storages.get(key)
         if storage is not None:
             return storage
         storage_class = getattr(self.module, class_name)
-        options = {"hosts": list(hosts)}
+        options = dict(extra, hosts=list(hosts))
         if class_name != "DistributedStorage":
             options["location"] = os.path.join(self.media_root, "s%d" % len(self.storages))
         if self.impl == "original":
@@ -119,7 +120,8 @@ class Worker:
 
     def sequential(self, command):
         """Time ``saves`` saves one after the other; return the milliseconds of each."""
-        storage = self._storage(command["class"], command["hosts"], command.get("ca_file"))
+        storage = self._storage(command["class"], command["hosts"], command.get("ca_file"),
+                                command.get("options"))
         payload = os.urandom(command["size"])
         prefix = command["prefix"]
         # Not timed: reconnects what the server or pool eviction closed since.
