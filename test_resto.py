@@ -2419,11 +2419,9 @@ def test_sync_with_a_host_down_repairs_the_others(media_servers, tmp_path, capsy
     assert "object at 0x" not in out  # one clean line per error
     last = out.splitlines()[-1]
     assert "%d could not be checked or repaired" % failed in last
-    assert re.search(r" Down: %s \(PROPFIND http://%s/media/\S* failed: Failed to establish "
-                     r"a new connection: \[Errno 111\] "
-                     r"Connection refused\. Is the media server running and listening "
-                     r"there\?\)\.$" % (re.escape(down.address), re.escape(down.address)),
-                     last), last
+    assert re.search(r" Down: %s \(PROPFIND http://%s/media/\S* failed: [^()]*\. Is the media "
+                     r"server running and listening there\?\)\.$"
+                     % (re.escape(down.address), re.escape(down.address)), last), last
     # Taken as down after 3 refusals, the host costs nothing more.
     assert time.monotonic() - started < 10
 
