@@ -3843,13 +3843,31 @@ class DistributedStorage(_ReplicationMixin, Storage):
         An aware datetime (UTC) with ``USE_TZ``, else naive local time, as
         FileSystemStorage returns.
         """
-        _check_name(name)
+        name = _check_name(name)
         entry = self._read_with_failover(self.transport.stat, name, "stat")
         if entry.mtime is None:
             raise RestoError("The media hosts sent no Last-Modified for %s: its modification "
                              "time is unknown." % name)
         zone = datetime.UTC if settings.USE_TZ else None
         return datetime.datetime.fromtimestamp(entry.mtime, tz=zone)
+
+    def get_accessed_time(self, name):
+        """Refuse: HTTP media hosts report no access time."""
+        raise NotImplementedError(
+            "DistributedStorage cannot tell when %r was last read: HTTP media hosts "
+            "report no access time. get_modified_time() gives when it was written." % (name,))
+
+    def get_created_time(self, name):
+        """Refuse: HTTP media hosts report no creation time."""
+        raise NotImplementedError(
+            "DistributedStorage cannot tell when %r was created: HTTP media hosts report "
+            "only when a file was last written, which get_modified_time() gives." % (name,))
+
+    def path(self, name):
+        """Refuse: there is no local copy."""
+        raise NotImplementedError(
+            "DistributedStorage keeps no local copy, so %r has no path on this server: "
+            "read it with open(), or serve it from url()." % (name,))
 
 
 ###############################################################################

@@ -976,10 +976,11 @@ def test_open_modes_that_cannot_replicate_whole_are_refused(storage_class, mode,
 def test_distributed_has_no_local_paths(media_servers):
     server, = media_servers(1)
     storage = DistributedStorage(hosts=[server.address])
-    for method, args in [("path", ("a",)), ("get_accessed_time", ("a",)),
-                         ("get_created_time", ("a",))]:
-        with pytest.raises(NotImplementedError):
-            getattr(storage, method)(*args)
+    for method, why in [("path", "keeps no local copy"), ("get_accessed_time", "no access time"),
+                        ("get_created_time", "only when a file was last written")]:
+        with pytest.raises(NotImplementedError, match=why):
+            getattr(storage, method)("a")
+    assert server.log == []
 
 
 def test_distributed_listdir_and_modified_time_come_from_the_hosts(media_servers):
