@@ -2727,6 +2727,30 @@ def test_object_parameters_are_stored_and_served_back(storage_class, parameters,
         assert ("cache-control" in s3) == ("Cache-Control" in expected)
 
 
+def test_what_s3_and_the_filer_keep_of_object_parameters(seaweed):
+    # The table of the README: every header below goes to both; what HEAD
+    # serves back is what each kept.
+    headers = {"Cache-Control": "max-age=60", "Content-Disposition": "attachment",
+               "Content-Encoding": "identity", "Content-Language": "fr",
+               "Expires": "Wed, 21 Oct 2037 07:28:00 GMT", "x-amz-meta-colour": "blue",
+               "x-amz-storage-class": "STANDARD", "x-amz-tagging": "team=media",
+               "Seaweed-Colour": "blue"}
+    storage = DistributedStorage(hosts=[s3_host(seaweed), seaweed.filer_host],
+                                 **s3_options(seaweed, object_parameters={"kept/*": headers}))
+    storage.save("kept/a.txt", ContentFile(b"kept"))
+    _, s3 = seaweed.head("/media/media/kept/a.txt")
+    filer = {key.lower(): value for key, value in urllib3.request(
+        "HEAD", seaweed.filer_url + "/media/kept/a.txt", timeout=10).headers.items()}
+    s3_kept = {key for key in headers if s3.get(key.lower()) == headers[key]}
+    filer_kept = {key for key in headers if filer.get(key.lower()) == headers[key]}
+    assert s3_kept == {"Cache-Control", "Content-Disposition", "Content-Encoding",
+                       "Content-Language", "Expires", "x-amz-meta-colour",
+                       "x-amz-storage-class"}
+    assert s3["x-amz-tagging-count"] == "1"  # tags are kept, and counted on HEAD
+    assert filer_kept == {"Cache-Control", "Content-Disposition", "Expires", "Seaweed-Colour"}
+    assert s3["content-type"] == filer["content-type"].partition(";")[0] == "text/plain"
+
+
 @pytest.mark.parametrize(("parameters", "message"), [
     ({"*": {"Cache-Control": "a\r\nX-Injected: 1"}}, "whose name is not an HTTP token or "
                                                       "whose value holds a line break"),
@@ -2775,6 +2799,26 @@ def test_bad_headers_from_a_callable_are_refused_before_any_request(storage_clas
     settle(storage)
     assert server.log == []
     assert not (tmp_path / "master" / "never.txt").exists()
+
+
+def test_webdav_servers_keep_no_object_parameters_and_verify_nothing(webdav_hosts):
+    # What the README says of plain hosts: the headers of RESTO_OBJECT_PARAMETERS
+    # go with the PUT and are dropped, and a body is stored as it arrives.
+    host = webdav_hosts.hosts[0]
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5, object_parameters={
+        "*": {"Cache-Control": "max-age=60", "Content-Disposition": "attachment",
+              "Content-Type": "application/x-resto", "X-Meta": "kept?"}})
+    transport.create(host, "params/style.css", b"body {}")
+    served = urllib3.request("HEAD", transport.url(host, "params/style.css"), timeout=10)
+    assert served.status == 200
+    assert not {"cache-control", "content-disposition", "x-meta"} & {
+        key.lower() for key in served.headers}
+    assert served.headers.get("Content-Type") != "application/x-resto"
+    wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    put = urllib3.request("PUT", transport.url(host, "params/unchecked.txt"), body=b"sent",
+                          headers={"Content-MD5": wrong_md5}, timeout=10)
+    assert put.status in (200, 201, 204)
+    assert transport.content(host, "params/unchecked.txt") == b"sent"
 
 
 def test_object_parameters_go_to_plain_hosts_too(media_servers):
