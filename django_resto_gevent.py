@@ -2225,6 +2225,8 @@ class _MultipartUpload:
         # time the whole file takes at the minimum rate.
         answer = self.transport._request("POST", url, self.host, body=body, headers=headers,
                                          size=len(body), budget=self.size)
+        if answer.status == 404 and answer.resto_attempts > 1 and self._assembled():
+            return  # an earlier attempt completed the upload, and its answer was lost
         if answer.status != 200:
             raise self.transport._unexpected("POST", url, self.host, answer.status, (200,),
                                              answer.data)
@@ -2237,6 +2239,23 @@ class _MultipartUpload:
             raise _UnusableAnswer(
                 "POST", url, self.host, 200, "with the S3 error %s in its body: the object "
                 "was not assembled" % code, hint=_S3_CODE_HINTS.get(code))
+
+    def _assembled(self):
+        """Tell whether the object now holds the parts sent, as its multipart ETag says.
+
+        S3 makes the ETag of a multipart object from the MD5s of its parts
+        (their ETags): the MD5 of their concatenation, "-", their count.
+        Parts whose ETags are no MD5 (encrypted objects) cannot tell: False.
+        """
+        try:
+            digests = b"".join(bytes.fromhex(etag.strip('"')) for _, etag, _ in self.parts)
+        except ValueError:
+            return False
+        expected = "%s-%d" % (hashlib.md5(digests, usedforsecurity=False).hexdigest(),
+                              self.count)
+        answer = self.transport._request("HEAD", self.url, self.host)
+        return (answer.status == 200
+                and answer.headers.get("etag", "").strip('"').lower() == expected)
 
     def _abort(self):
         """Abort the upload (AbortMultipartUpload) so that the store drops its parts.

@@ -2505,8 +2505,12 @@ def test_s3_file_over_the_threshold_lands_in_parts(storage_class, nginx_hosts, s
     assert s3_content(seaweed, prefix + "small.bin") == small
     with open(nginx_hosts.path(0, prefix + "big.bin"), "rb") as stored:
         assert stored.read() == big  # the nginx host got one PUT, as always
-    assert s3_etag(seaweed, prefix + "big.bin").endswith("-3")
-    assert "-" not in s3_etag(seaweed, prefix + "small.bin")
+    # A multipart ETag: the MD5 of the parts' MD5s, then their count (what
+    # _MultipartUpload._assembled() relies on).
+    digests = b"".join(hashlib.md5(big[start:start + 5 * MIB]).digest()
+                       for start in range(0, len(big), 5 * MIB))
+    assert s3_etag(seaweed, prefix + "big.bin") == hashlib.md5(digests).hexdigest() + "-3"
+    assert s3_etag(seaweed, prefix + "small.bin") == hashlib.md5(small).hexdigest()
     _, headers = seaweed.head("/media/media/%sbig.bin" % prefix)
     assert headers["content-type"] == "application/octet-stream"
     assert headers["x-amz-checksum-type"] == "COMPOSITE"  # each part's CRC-32 was checked
@@ -2910,6 +2914,36 @@ def test_s3_multipart_answers_that_fail_the_upload(answers, message, canned_host
     assert parts[:1] in ([], ["PUT /b/media/big.bin?partNumber=1&uploadId=id%2B%2F%3D%261 "
                               "HTTP/1.1"])
     assert all(not answer for answer in host.answers)
+
+
+@pytest.mark.parametrize("assembled", [True, False])
+def test_s3_completion_whose_answer_was_lost(assembled, canned_host):
+    # The first CompleteMultipartUpload completes the upload, but its answer
+    # is lost; the retry finds the upload gone (404). The object's ETag says
+    # whether it holds the parts sent: the MD5 of their MD5s, then "-2".
+    first, second = hashlib.md5(b"1").hexdigest(), hashlib.md5(b"2").hexdigest()
+    etag = hashlib.md5(bytes.fromhex(first + second)).hexdigest() + "-2"
+    host = canned_host(
+        INITIATED,
+        canned_s3_answer(b"", headers=b'ETag: "%s"\r\n' % first.encode()),
+        canned_s3_answer(b"", headers=b'ETag: "%s"\r\n' % second.encode()),
+        (b"", True),  # read, never answered
+        canned_s3_answer(b"<Error><Code>NoSuchUpload</Code></Error>", status=b"404 Not Found"),
+        canned_s3_answer(b"", headers=b'ETag: "%s"\r\n' % (
+            etag if assembled else "0" * 32 + "-2").encode()),
+        ABORTED)
+    entry = "s3+http://%s/b" % host.address
+    transport = DefaultTransport(base_url="/media/", retries=1, timeout=5,
+                                 s3_credentials=("k", "s"),
+                                 **dict(MULTIPART, s3_parts_in_flight=1))
+    if assembled:
+        assert transport.put(entry, "big.bin", b"x" * (5 * MIB + 1)) == 201
+    else:
+        with pytest.raises(UnexpectedStatusCode, match="answered 404.*NoSuchUpload"):
+            transport.put(entry, "big.bin", b"x" * (5 * MIB + 1))
+    methods = [head.split(b" ", 1)[0].decode() for head, _ in host.requests]
+    assert methods == ["POST", "PUT", "PUT", "POST", "POST", "HEAD"] + (
+        [] if assembled else ["DELETE"])
 
 
 # XML and checksums against botocore, on generated inputs.
