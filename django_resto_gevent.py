@@ -1771,7 +1771,7 @@ def _crc32_text(crc):
 _S3_CODE_HINTS = {
     "BadDigest": "The body arrived damaged (its CRC-32 did not match the one sent with "
                  "it) on every attempt: look for a faulty proxy, NIC or link between this "
-                 "server and the object store.",
+                 "server and the object store, or a file that changed while it was sent.",
     "EntityTooSmall": "A part other than the last is under the store's minimum part size: "
                       "raise RESTO_S3_PART_SIZE.",
     "NoSuchUpload": "The multipart upload is gone: it was aborted meanwhile (by a lifecycle "
