@@ -933,19 +933,17 @@ def seaweed(tmp_path_factory):
 ###############################################################################
 
 
-class DelayProxy:
-    """Forward TCP connections to ``target`` ("host:port"), ``delay`` seconds per chunk.
+class _Proxy:
+    """Forward TCP connections to ``target`` ("host:port"), on greenlets of this process.
 
-    Each chunk of at most 64 KiB waits ``delay`` before it is forwarded, in
-    both directions, so a transfer slows down with its size: a stand-in for
-    a distant or slow media host in front of a real one. Runs on greenlets
-    of this (patched) process.
+    Bytes go each way as they come (``_forward`` from the client,
+    ``_backward`` to it, each until its source closes); subclasses delay or
+    damage them.
     """
 
-    def __init__(self, target, delay):
+    def __init__(self, target):
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
-        self.delay = delay
         self._server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
 
     @property
@@ -965,24 +963,44 @@ class DelayProxy:
     def _handle(self, client, _address):
         """Pipe one connection both ways until either side closes."""
         upstream = socket.create_connection(self.target, timeout=10)
-        pipes = [gevent.spawn(self._pipe, client, upstream),
-                 gevent.spawn(self._pipe, upstream, client)]
+        pipes = [gevent.spawn(self._forward, client, upstream),
+                 gevent.spawn(self._backward, upstream, client)]
         gevent.joinall(pipes, count=1)
         gevent.killall(pipes)
         upstream.close()
         client.close()
 
-    def _pipe(self, source, destination):
-        """Copy chunks from ``source`` to ``destination``, each one late."""
+    # Seconds each chunk waits before it is forwarded by _copy().
+    delay = 0
+
+    def _copy(self, source, destination):
+        """Copy chunks of at most 64 KiB from ``source`` to ``destination``."""
         try:
             while True:
                 chunk = source.recv(65536)
                 if not chunk:
                     return
-                gevent.sleep(self.delay)
+                if self.delay:
+                    gevent.sleep(self.delay)
                 destination.sendall(chunk)
         except OSError:
             return
+
+    _forward = _backward = _copy
+
+
+class DelayProxy(_Proxy):
+    """Forward TCP connections to ``target`` ("host:port"), ``delay`` seconds per chunk.
+
+    Each chunk of at most 64 KiB waits ``delay`` before it is forwarded, in
+    both directions, so a transfer slows down with its size: a stand-in for
+    a distant or slow media host in front of a real one. Runs on greenlets
+    of this (patched) process.
+    """
+
+    def __init__(self, target, delay):
+        super().__init__(target)
+        self.delay = delay
 
 
 ###############################################################################
@@ -990,7 +1008,7 @@ class DelayProxy:
 ###############################################################################
 
 
-class FaultProxy:
+class FaultProxy(_Proxy):
     """Forward TCP connections to ``target`` ("host:port"), damaging or cutting them on demand.
 
     Knobs, which may be changed at any time:
@@ -1008,8 +1026,7 @@ class FaultProxy:
     """
 
     def __init__(self, target, flip_at=None, flips=None, cut_after=None, cuts=1):
-        host, port = target.rsplit(":", 1)
-        self.target = (host, int(port))
+        super().__init__(target)
         self.flip_at = flip_at
         self.flips = flips
         self.cut_after = cut_after
@@ -1017,31 +1034,6 @@ class FaultProxy:
         self.flipped = 0
         self.cut = 0
         self.client_bytes = 0
-        self._server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
-
-    @property
-    def address(self):
-        """The ``"127.0.0.1:port"`` to use instead of the target."""
-        return "127.0.0.1:%d" % self._server.server_port
-
-    def start(self):
-        """Start accepting; return self."""
-        self._server.start()
-        return self
-
-    def stop(self):
-        """Stop accepting and close every forwarded connection."""
-        self._server.stop(timeout=1)
-
-    def _handle(self, client, _address):
-        """Pipe one connection both ways until either side closes or it is cut."""
-        upstream = socket.create_connection(self.target, timeout=30)
-        pipes = [gevent.spawn(self._forward, client, upstream),
-                 gevent.spawn(self._backward, upstream, client)]
-        gevent.joinall(pipes, count=1)
-        gevent.killall(pipes)
-        upstream.close()
-        client.close()
 
     def _forward(self, client, upstream):
         """Copy the client's bytes upstream, flipping or cutting as the knobs say."""
@@ -1072,15 +1064,3 @@ class FaultProxy:
         """Tell whether the next ``size`` bytes from a client cross the cut."""
         return (self.cut_after is not None and self.cut < self.cuts
                 and self.client_bytes + size > self.cut_after)
-
-    @staticmethod
-    def _backward(upstream, client):
-        """Copy the upstream's answers to the client."""
-        try:
-            while True:
-                chunk = upstream.recv(65536)
-                if not chunk:
-                    return
-                client.sendall(chunk)
-        except OSError:
-            return

@@ -51,6 +51,7 @@ from urllib.parse import quote  # noqa: E402
 # conftest patches this process with gevent (unused here) and configures Django.
 import conftest  # noqa: E402
 import django_resto_gevent  # noqa: E402
+from bench import cpu_model  # noqa: E402  (bench/bench.py, beside this file)
 
 WORKER = os.path.join(HERE, "s3_worker.py")
 MIB = 1024 * 1024
@@ -62,18 +63,12 @@ RSS_SLACK_MIB = 16
 
 def machine():
     """Describe the machine and the versions of everything measured."""
-    cpu = "unknown CPU"
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     weed = subprocess.run([conftest.find_weed(), "version"], capture_output=True, text=True,
                           timeout=30).stdout.split("\n")[0].strip()
     versions = ", ".join("%s %s" % (name, importlib.metadata.version(name)) for name in (
         "Django", "gevent", "urllib3", "boto3", "botocore", "s3transfer"))
     return "%s, %d cores, %s; Python %s, %s; weed %s" % (
-        cpu, os.cpu_count(), platform.platform(), platform.python_version(), versions, weed)
+        cpu_model(), os.cpu_count(), platform.platform(), platform.python_version(), versions, weed)
 
 
 def write_source(path, size):
