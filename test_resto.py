@@ -2916,6 +2916,22 @@ def test_s3_multipart_answers_that_fail_the_upload(answers, message, canned_host
     assert all(not answer for answer in host.answers)
 
 
+def test_s3_an_abort_that_fails_is_logged_with_the_upload_id(canned_host, caplog):
+    host = canned_host(INITIATED, canned_s3_answer(b"", status=b"403 Forbidden"),
+                       canned_s3_answer(b"", status=b"500 Internal Server Error"))
+    entry = "s3+http://%s/b" % host.address
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5,
+                                 s3_credentials=("k", "s"),
+                                 **dict(MULTIPART, s3_parts_in_flight=1))
+    with pytest.raises(UnexpectedStatusCode, match="answered 403"):
+        transport.put(entry, "big.bin", b"x" * (5 * MIB + 1))
+    [logged] = resto_records(caplog)
+    assert logged.startswith("Failed to abort the multipart upload id+/=&1 of big.bin on %s. "
+                             "DELETE " % entry)
+    assert "answered 500" in logged
+    assert "a lifecycle rule (AbortIncompleteMultipartUpload) removes them" in logged
+
+
 @pytest.mark.parametrize("assembled", [True, False])
 def test_s3_completion_whose_answer_was_lost(assembled, canned_host):
     # The first CompleteMultipartUpload completes the upload, but its answer
