@@ -427,7 +427,8 @@ def _object_headers(parameters, name):
         return {}
     if callable(parameters):
         return _check_object_headers(
-            parameters(name), "The headers that RESTO_OBJECT_PARAMETERS (%s) returned for %r"
+            parameters(name), "The headers that the RESTO_OBJECT_PARAMETERS / "
+            "object_parameters function %s returned for %r"
             % (getattr(parameters, "__qualname__", repr(parameters)), name))
     merged = {}
     for pattern, headers in parameters.items():

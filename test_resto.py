@@ -2796,9 +2796,9 @@ def test_bad_headers_from_a_callable_are_refused_before_any_request(storage_clas
                            object_parameters=parameters)
     with pytest.raises(ImproperlyConfigured) as info:
         storage.save("never.txt", ContentFile(b"x"))
-    assert ("The headers that RESTO_OBJECT_PARAMETERS (test_bad_headers_from_a_callable_are_"
-            "refused_before_any_request.<locals>.parameters) returned for 'never.txt'") in str(
-        info.value)
+    assert ("The headers that the RESTO_OBJECT_PARAMETERS / object_parameters function "
+            "test_bad_headers_from_a_callable_are_refused_before_any_request.<locals>."
+            "parameters returned for 'never.txt'") in str(info.value)
     assert "filename*=UTF-8''" in str(info.value)
     settle(storage)
     assert server.log == []
