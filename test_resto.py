@@ -3457,7 +3457,7 @@ def test_unpatched_process_fans_out_on_threads_within_deadlines(tmp_path):
 
 
 UNPATCHED_MULTIPART_SCRIPT = r"""
-import json, os, sys, threading
+import _thread, json, os, sys, threading
 import django
 from django.conf import settings
 settings.configure(MEDIA_URL="/media/")
@@ -3466,7 +3466,7 @@ from django.core.files.base import ContentFile
 import django_resto_gevent as resto
 
 assert not resto._sockets_patched()
-good, cut, location, key, secret = sys.argv[1:]
+good, cut, slow, location, key, secret = sys.argv[1:]
 senders = set()
 send_part = resto._MultipartUpload._send_part
 
@@ -3489,22 +3489,34 @@ try:
     report["cut"] = "saved"
 except resto.ReplicationError as error:
     report["cut"] = error.hosts
+# Ctrl-C in the middle of the parts, sent through a slow link.
+threading.Timer(0.5, _thread.interrupt_main).start()
+try:
+    storage.transport.put(slow, "threads/interrupted.bin", data)
+    report["interrupted"] = False
+except KeyboardInterrupt:
+    report["interrupted"] = True
 print(json.dumps(report))
 """
 
 
 def test_unpatched_process_sends_parts_on_threads(seaweed, tmp_path):
-    proxy = FaultProxy(seaweed.s3_url.partition("//")[2], cut_after=7 * MIB).start()
+    gateway = seaweed.s3_url.partition("//")[2]
+    proxy = FaultProxy(gateway, cut_after=7 * MIB).start()
+    slow = DelayProxy(gateway, 0.01).start()
     try:
         cut = "s3+http://%s/media" % proxy.address
-        report = json.loads(python_output(UNPATCHED_MULTIPART_SCRIPT, s3_host(seaweed), cut,
-                                          str(tmp_path), seaweed.access_key,
-                                          seaweed.secret_key))
+        report = json.loads(python_output(
+            UNPATCHED_MULTIPART_SCRIPT, s3_host(seaweed), cut, "s3+http://%s/media"
+            % slow.address, str(tmp_path), seaweed.access_key, seaweed.secret_key))
     finally:
         proxy.stop()
-    assert report == {"landed": True, "senders": ["resto-part"], "cut": [cut]}
+        slow.stop()
+    assert report == {"landed": True, "senders": ["resto-part"], "cut": [cut],
+                      "interrupted": True}
     assert proxy.cut == 1
-    assert uploads_of(seaweed, "threads/") == []
+    assert uploads_of(seaweed, "threads/") == []  # the cut and the interrupted: aborted
+    assert s3_content(seaweed, "threads/interrupted.bin") is None
 
 
 STALLED_HOST_SCRIPT = r"""
