@@ -15,11 +15,13 @@ import os  # noqa: E402
 import pwd  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
+import xml.etree.ElementTree  # noqa: E402
 from urllib.parse import quote  # noqa: E402
 
 import django  # noqa: E402
@@ -697,6 +699,9 @@ def webdav_hosts(request):
 # SeaweedFS: a filer and an S3 gateway
 ###############################################################################
 
+# The namespace of S3's XML documents, as ElementTree writes it in a path.
+_S3_XMLNS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
 # Credentials of the S3 gateway: odd characters in the secret on purpose.
 S3_ACCESS_KEY = "restoaccesskey"
 S3_SECRET_KEY = "resto/secret+key=with/odd+chars"
@@ -856,6 +861,30 @@ class SeaweedFS:
                                       payload_hash=payload_hash))
         return self._http.request(method, url, body=body or None, headers=headers)
 
+    def open_uploads(self, bucket="media"):
+        """Return the (key, upload id) pairs of the multipart uploads open in ``bucket``.
+
+        Asks ListMultipartUploads, as a lifecycle rule or a billing report
+        would see them.
+        """
+        response = self.s3_request("GET", "/%s?uploads" % quote(bucket))
+        if response.status != 200:
+            raise RuntimeError("ListMultipartUploads answered %d: %r"
+                               % (response.status, response.data[:300]))
+        root = xml.etree.ElementTree.fromstring(response.data)
+        if root.findtext(_S3_XMLNS + "IsTruncated") == "true":
+            raise RuntimeError("ListMultipartUploads is truncated: too many open uploads")
+        return [(upload.findtext(_S3_XMLNS + "Key"), upload.findtext(_S3_XMLNS + "UploadId"))
+                for upload in root.iter(_S3_XMLNS + "Upload")]
+
+    def head(self, path):
+        """Return the status and headers (lower-case names) of a signed HEAD of ``path``.
+
+        The object's checksum is asked for too (x-amz-checksum-mode).
+        """
+        response = self.s3_request("HEAD", path, headers={"x-amz-checksum-mode": "ENABLED"})
+        return response.status, {key.lower(): value for key, value in response.headers.items()}
+
     def create_bucket(self, bucket, timeout=30):
         """Create ``bucket`` (signed PUT /bucket) and wait until it takes a write."""
         response = self.s3_request("PUT", "/" + quote(bucket))
@@ -921,7 +950,7 @@ def seaweed(tmp_path_factory):
 
 
 ###############################################################################
-# Loopback servers: a delay proxy
+# Loopback servers: delay and fault proxies
 ###############################################################################
 
 
@@ -952,42 +981,118 @@ class LoopbackServer:
         raise NotImplementedError
 
 
-class DelayProxy(LoopbackServer):
-    """Forward TCP connections to ``target`` ("host:port"), ``delay`` seconds per chunk.
+class _Proxy(LoopbackServer):
+    """Forward TCP connections to ``target`` ("host:port"), on greenlets of this process.
 
-    Each chunk of at most 64 KiB waits ``delay`` before it is forwarded, in
-    both directions, so a transfer slows down with its size: a stand-in for
-    a distant or slow media host in front of a real one (use its
-    ``address`` instead of the target's).
+    Bytes go each way as they come (``_forward`` from the client,
+    ``_backward`` to it, each until its source closes); subclasses delay or
+    damage them. Use its ``address`` instead of the target's.
     """
 
-    def __init__(self, target, delay):
+    def __init__(self, target):
         super().__init__()
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
-        self.delay = delay
 
     def _handle(self, client, _address):
         """Pipe one connection both ways until either side closes."""
         upstream = socket.create_connection(self.target, timeout=10)
-        pipes = [gevent.spawn(self._pipe, client, upstream),
-                 gevent.spawn(self._pipe, upstream, client)]
+        pipes = [gevent.spawn(self._forward, client, upstream),
+                 gevent.spawn(self._backward, upstream, client)]
         gevent.joinall(pipes, count=1)
         gevent.killall(pipes)
         upstream.close()
         client.close()
 
-    def _pipe(self, source, destination):
-        """Copy chunks from ``source`` to ``destination``, each one late."""
+    # Seconds each chunk waits before it is forwarded by _copy().
+    delay = 0
+
+    def _copy(self, source, destination):
+        """Copy chunks of at most 64 KiB from ``source`` to ``destination``."""
         try:
             while True:
                 chunk = source.recv(65536)
                 if not chunk:
                     return
-                gevent.sleep(self.delay)
+                if self.delay:
+                    gevent.sleep(self.delay)
                 destination.sendall(chunk)
         except OSError:
             return
+
+    _forward = _backward = _copy
+
+
+class DelayProxy(_Proxy):
+    """Forward TCP connections to ``target`` ("host:port"), ``delay`` seconds per chunk.
+
+    Each chunk of at most 64 KiB waits ``delay`` before it is forwarded, in
+    both directions, so a transfer slows down with its size: a stand-in for
+    a distant or slow media host in front of a real one. Runs on greenlets
+    of this (patched) process.
+    """
+
+    def __init__(self, target, delay):
+        super().__init__(target)
+        self.delay = delay
+
+
+class FaultProxy(_Proxy):
+    """Forward TCP connections to ``target`` ("host:port"), damaging or cutting them on demand.
+
+    Knobs, which may be changed at any time:
+
+    - ``flip_at``: in each connection, flip the lowest bit of the byte at
+      this offset of what the client sends (its request line is at 0);
+      ``flips`` bounds how many bytes are flipped in all (None: no bound).
+    - ``cut_after``: once clients have sent this many bytes in all, reset
+      the connection that carries the next ones (both sides, without
+      forwarding them); ``cuts`` bounds how many are reset (then bytes
+      pass again).
+
+    ``flipped`` and ``cut`` count what was done. Runs on greenlets of this
+    (patched) process.
+    """
+
+    def __init__(self, target, flip_at=None, flips=None, cut_after=None, cuts=1):
+        super().__init__(target)
+        self.flip_at = flip_at
+        self.flips = flips
+        self.cut_after = cut_after
+        self.cuts = cuts
+        self.flipped = 0
+        self.cut = 0
+        self.client_bytes = 0
+
+    def _forward(self, client, upstream):
+        """Copy the client's bytes upstream, flipping or cutting as the knobs say."""
+        offset = 0
+        try:
+            while True:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                if self._cutting(len(chunk)):
+                    self.cut += 1
+                    for sock in (client, upstream):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        struct.pack("ii", 1, 0))
+                    return
+                position = None if self.flip_at is None else self.flip_at - offset
+                if position is not None and 0 <= position < len(chunk) \
+                        and (self.flips is None or self.flipped < self.flips):
+                    self.flipped += 1
+                    chunk = chunk[:position] + bytes([chunk[position] ^ 1]) + chunk[position + 1:]
+                offset += len(chunk)
+                self.client_bytes += len(chunk)
+                upstream.sendall(chunk)
+        except OSError:
+            return
+
+    def _cutting(self, size):
+        """Tell whether the next ``size`` bytes from a client cross the cut."""
+        return (self.cut_after is not None and self.cut < self.cuts
+                and self.client_bytes + size > self.cut_after)
 
 
 ###############################################################################

@@ -36,6 +36,7 @@ import types
 import warnings
 import xml.etree.ElementTree
 import xml.sax.saxutils
+import zlib
 from urllib.parse import quote
 
 import gevent
@@ -55,6 +56,7 @@ from conftest import (
     NGINX_USER,
     STORAGE_CLASSES,
     DelayProxy,
+    FaultProxy,
     RawAnswer,
     make_storage,
     settle,
@@ -2930,6 +2932,598 @@ def test_sigv4_matches_botocore(key, method, endpoint):
 
 
 ###############################################################################
+# Object stores: multipart uploads, checksums, object parameters
+###############################################################################
+
+MIB = 1024 * 1024
+
+# Small enough for a test, large enough for S3 (and SeaweedFS, which refuses
+# a part under 5 MiB other than the last).
+MULTIPART = {"s3_multipart_threshold": 5 * MIB, "s3_part_size": 5 * MIB,
+             "s3_parts_in_flight": 2}
+
+# Three parts: two whole ones and a short last one.
+THREE_PARTS = 2 * 5 * MIB + 12345
+
+
+def s3_etag(seaweed, name):
+    """Return the ETag the gateway gives media ``name`` (a multipart one ends "-<parts>")."""
+    status, headers = seaweed.head("/media/media/" + quote(name))
+    assert status == 200, name
+    return headers["etag"].strip('"')
+
+
+def uploads_of(seaweed, prefix):
+    """Return the multipart uploads open under media ``prefix`` on the gateway."""
+    return [upload for upload in seaweed.open_uploads() if upload[0].startswith("media/" + prefix)]
+
+
+@pytest.mark.parametrize("storage_class", STORAGE_CLASSES, ids=lambda cls: cls.__name__)
+def test_s3_file_over_the_threshold_lands_in_parts(storage_class, nginx_hosts, seaweed, tmp_path,
+                                                   caplog):
+    hosts = [nginx_hosts.hosts[0], s3_host(seaweed)]
+    storage = make_storage(storage_class, hosts, tmp_path, **s3_options(seaweed, **MULTIPART))
+    prefix = "parts-%s/" % storage_class.__name__
+    big, small = os.urandom(THREE_PARTS), os.urandom(5 * MIB)  # small: at the threshold
+    assert storage.save(prefix + "big.bin", ContentFile(big)) == prefix + "big.bin"
+    assert storage.save(prefix + "small.bin", ContentFile(small)) == prefix + "small.bin"
+    settle(storage)
+    assert s3_content(seaweed, prefix + "big.bin") == big
+    assert s3_content(seaweed, prefix + "small.bin") == small
+    with open(nginx_hosts.path(0, prefix + "big.bin"), "rb") as stored:
+        assert stored.read() == big  # the nginx host got one PUT, as always
+    # A multipart ETag: the MD5 of the parts' MD5s, then their count (what
+    # _MultipartUpload._assembled() relies on).
+    digests = b"".join(hashlib.md5(big[start:start + 5 * MIB]).digest()
+                       for start in range(0, len(big), 5 * MIB))
+    assert s3_etag(seaweed, prefix + "big.bin") == hashlib.md5(digests).hexdigest() + "-3"
+    assert s3_etag(seaweed, prefix + "small.bin") == hashlib.md5(small).hexdigest()
+    _, headers = seaweed.head("/media/media/%sbig.bin" % prefix)
+    assert headers["content-type"] == "application/octet-stream"
+    assert headers["x-amz-checksum-type"] == "COMPOSITE"  # each part's CRC-32 was checked
+    assert uploads_of(seaweed, prefix) == []  # nothing left open: the parts are the object
+    assert resto_records(caplog) == []
+
+
+def test_s3_distributed_sends_parts_of_a_file_on_disk_in_place(seaweed, tmp_path):
+    data = os.urandom(THREE_PARTS)
+    path = tmp_path / "upload.bin"
+    path.write_bytes(data)
+    storage = DistributedStorage(hosts=[s3_host(seaweed)], **s3_options(seaweed, **MULTIPART))
+    with open(path, "rb") as incoming:
+        storage.save("in-place/upload.bin", File(incoming, "upload.bin"))
+    assert s3_content(seaweed, "in-place/upload.bin") == data
+    assert s3_etag(seaweed, "in-place/upload.bin").endswith("-3")
+
+
+def test_s3_parts_of_bytes_and_of_any_file_object(seaweed):
+    transport = DefaultTransport(base_url="/media/", s3_credentials=(
+        seaweed.access_key, seaweed.secret_key), **MULTIPART)
+    data = os.urandom(THREE_PARTS)
+    host = s3_host(seaweed)
+    assert transport.put(host, "objects/bytes.bin", data) == 201
+    source = io.BytesIO(b"skipped" + data)
+    source.seek(7)  # sent from its position, as a single PUT is
+    assert transport.put(host, "objects/bytesio.bin", source) == 201
+    for name in ("bytes.bin", "bytesio.bin"):
+        assert s3_content(seaweed, "objects/" + name) == data
+        assert s3_etag(seaweed, "objects/" + name).endswith("-3")
+
+
+def test_s3_parts_in_flight_bound_the_memory(seaweed, monkeypatch):
+    # Each part read is counted until it is freed: never more alive at once
+    # than the parts in flight.
+    live, peak = [0], [0]
+
+    class Part(bytes):
+        def __del__(self):
+            live[0] -= 1
+
+    reader = django_resto_gevent._part_reader
+
+    def tracked_reader(content):
+        read = reader(content)
+
+        def read_part(offset, length):
+            part = Part(read(offset, length))
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            return part
+        return read_part
+
+    monkeypatch.setattr(django_resto_gevent, "_part_reader", tracked_reader)
+    options = dict(MULTIPART, s3_parts_in_flight=2)
+    storage = DistributedStorage(hosts=[s3_host(seaweed)], **s3_options(seaweed, **options))
+    data = os.urandom(5 * 5 * MIB + 1)  # six parts
+    storage.save("bounded/six.bin", ContentFile(data))
+    assert s3_content(seaweed, "bounded/six.bin") == data
+    assert peak[0] == 2
+    assert live[0] == 0
+
+
+def test_s3_multipart_failure_aborts_and_fails_like_any_host(seaweed, tmp_path, caplog,
+                                                            failures_signalled):
+    # The proxy resets the connection in the middle of the second part.
+    proxy = FaultProxy(seaweed.s3_url.partition("//")[2], cut_after=7 * MIB).start()
+    try:
+        host = "s3+http://%s/media" % proxy.address
+        storage = HybridStorage(location=str(tmp_path), hosts=[host],
+                                **s3_options(seaweed, retries=0, **MULTIPART))
+        data = os.urandom(THREE_PARTS)
+        with pytest.raises(ReplicationError) as info:
+            storage.save("cut/big.bin", ContentFile(data))
+    finally:
+        proxy.stop()
+    assert proxy.cut == 1
+    assert info.value.hosts == [host]
+    error = info.value.failures[0][1]
+    assert isinstance(error, TransportError)
+    assert "partNumber=" in error.url
+    assert "uploadId=" in error.url
+    assert [(signal["action"], signal["host"]) for signal in failures_signalled] == [
+        ("create", host)]
+    assert resto_records(caplog) == ["Failed to create cut/big.bin on %s. %s" % (host, error)]
+    assert uploads_of(seaweed, "cut/") == []  # aborted: no part left stored
+    assert s3_content(seaweed, "cut/big.bin") is None
+    assert not (tmp_path / "cut" / "big.bin").exists()  # the save raised: nor a master copy
+
+
+def test_s3_a_failed_part_is_retried_on_its_own(seaweed, caplog):
+    caplog.set_level(logging.INFO)
+    proxy = FaultProxy(seaweed.s3_url.partition("//")[2], cut_after=7 * MIB).start()
+    try:
+        host = "s3+http://%s/media" % proxy.address
+        storage = DistributedStorage(hosts=[host], **s3_options(seaweed, retries=1, **MULTIPART))
+        data = os.urandom(THREE_PARTS)
+        storage.save("retried/big.bin", ContentFile(data))
+    finally:
+        proxy.stop()
+    assert proxy.cut == 1
+    retried = [message for message in resto_records(caplog, logging.INFO)
+               if message.startswith("Retrying")]
+    assert len(retried) == 1, retried
+    assert "partNumber=" in retried[0]
+    assert s3_content(seaweed, "retried/big.bin") == data
+    assert uploads_of(seaweed, "retried/") == []
+
+
+def test_s3_cancelled_multipart_upload_is_aborted(seaweed):
+    # A caller's deadline (gevent.Timeout) lands while parts are in flight
+    # through a slow link: the parts are stopped and the upload aborted.
+    proxy = DelayProxy(seaweed.s3_url.partition("//")[2], 0.01).start()
+    try:
+        transport = DefaultTransport(base_url="/media/", timeout=10, s3_credentials=(
+            seaweed.access_key, seaweed.secret_key), **MULTIPART)
+        host = "s3+http://%s/media" % proxy.address
+        started = time.monotonic()
+        with pytest.raises(gevent.Timeout), gevent.Timeout(0.5):
+            transport.put(host, "cancelled/big.bin", os.urandom(THREE_PARTS))
+        assert time.monotonic() - started < 5  # the abort went out at once
+    finally:
+        proxy.stop()
+    assert uploads_of(seaweed, "cancelled/") == []
+    assert s3_content(seaweed, "cancelled/big.bin") is None
+
+
+@pytest.mark.parametrize("size", [100_000, THREE_PARTS], ids=["single-put", "multipart"])
+def test_s3_damaged_body_is_refused_and_reported(size, seaweed, tmp_path, failures_signalled):
+    # One bit flipped in the body of the first request on each connection:
+    # the gateway checks the CRC-32 sent with it and refuses the body.
+    proxy = FaultProxy(seaweed.s3_url.partition("//")[2], flip_at=64 * 1024).start()
+    try:
+        host = "s3+http://%s/media" % proxy.address
+        storage = HybridStorage(location=str(tmp_path), hosts=[host],
+                                **s3_options(seaweed, retries=0, **MULTIPART))
+        with pytest.raises(ReplicationError) as info:
+            storage.save("damaged/file.bin", ContentFile(os.urandom(size)))
+    finally:
+        proxy.stop()
+    assert proxy.flipped >= 1
+    error = info.value.failures[0][1]
+    assert isinstance(error, UnexpectedStatusCode)
+    assert error.status == 400
+    assert "S3 error BadDigest. The body arrived damaged" in str(error)
+    assert [signal["host"] for signal in failures_signalled] == [host]
+    assert s3_content(seaweed, "damaged/file.bin") is None
+    assert uploads_of(seaweed, "damaged/") == []
+
+
+@pytest.mark.parametrize("size", [100_000, THREE_PARTS], ids=["single-put", "multipart"])
+def test_s3_damaged_body_is_sent_again(size, seaweed):
+    proxy = FaultProxy(seaweed.s3_url.partition("//")[2], flip_at=64 * 1024, flips=1).start()
+    try:
+        host = "s3+http://%s/media" % proxy.address
+        storage = DistributedStorage(hosts=[host], **s3_options(seaweed, retries=1, **MULTIPART))
+        data = os.urandom(size)
+        name = storage.save("damaged-once/%d.bin" % size, ContentFile(data))
+    finally:
+        proxy.stop()
+    assert proxy.flipped == 1
+    assert s3_content(seaweed, name) == data
+
+
+def css_and_downloads(name):
+    """Object parameters as a function: what the mapping in OBJECT_PARAMETERS gives."""
+    headers = {}
+    if name.endswith(".css"):
+        headers["Cache-Control"] = "public, max-age=86400"
+    if name.startswith("downloads/"):
+        headers.update({"Content-Disposition": 'attachment; filename="report 1.pdf"',
+                        "x-amz-meta-origin": "resto", "Content-Type": "application/pdf"})
+    return headers
+
+
+OBJECT_PARAMETERS = {
+    "*.css": {"Cache-Control": "public, max-age=86400"},
+    "downloads/*": {"Content-Disposition": 'attachment; filename="report 1.pdf"',
+                    "x-amz-meta-origin": "resto", "content-type": "application/pdf"},
+}
+
+
+@pytest.mark.parametrize("parameters", [OBJECT_PARAMETERS, css_and_downloads],
+                         ids=["mapping", "callable"])
+@pytest.mark.parametrize("storage_class", STORAGE_CLASSES, ids=lambda cls: cls.__name__)
+def test_object_parameters_are_stored_and_served_back(storage_class, parameters, nginx_hosts,
+                                                       seaweed, tmp_path):
+    hosts = [s3_host(seaweed), seaweed.filer_host, nginx_hosts.hosts[0]]
+    storage = make_storage(storage_class, hosts, tmp_path, **s3_options(
+        seaweed, object_parameters=parameters, **MULTIPART))
+    prefix = "params-%s-%s" % (storage_class.__name__, "map" if parameters is
+                               OBJECT_PARAMETERS else "call")
+    files = {"downloads/%s/report.bin" % prefix: os.urandom(THREE_PARTS),  # multipart
+             "downloads/%s/style.css" % prefix: b"body {}",
+             "%s/plain.txt" % prefix: b"plain"}
+    for name, data in files.items():
+        storage.save(name, ContentFile(data))
+    settle(storage)
+    for name in files:
+        _, s3 = seaweed.head("/media/media/" + quote(name))
+        filer = urllib3.request("HEAD", seaweed.filer_url + "/media/" + quote(name)).headers
+        nginx = urllib3.request("HEAD", "http://%s/media/%s" % (nginx_hosts.hosts[0],
+                                                                quote(name))).headers
+        expected = css_and_downloads(name)
+        if name.endswith(".css"):
+            assert s3["cache-control"] == filer["Cache-Control"] == "public, max-age=86400"
+        if name.startswith("downloads/"):
+            disposition = 'attachment; filename="report 1.pdf"'
+            assert s3["content-disposition"] == filer["Content-Disposition"] == disposition
+            assert s3["x-amz-meta-origin"] == "resto"  # S3 keeps metadata; the filer does not
+            assert s3["content-type"] == filer["Content-Type"] == "application/pdf"
+        else:
+            guessed = "text/css" if name.endswith(".css") else "text/plain"
+            assert s3["content-type"] == filer["Content-Type"] == guessed
+        # nginx serves a file as its configuration says, whatever the PUT carried.
+        assert "Cache-Control" not in nginx
+        assert "Content-Disposition" not in nginx
+        assert ("cache-control" in s3) == ("Cache-Control" in expected)
+
+
+def test_what_s3_and_the_filer_keep_of_object_parameters(seaweed):
+    # The table of the README: every header below goes to both; what HEAD
+    # serves back is what each kept.
+    headers = {"Cache-Control": "max-age=60", "Content-Disposition": "attachment",
+               "Content-Encoding": "identity", "Content-Language": "fr",
+               "Expires": "Wed, 21 Oct 2037 07:28:00 GMT", "x-amz-meta-colour": "blue",
+               "x-amz-storage-class": "STANDARD", "x-amz-tagging": "team=media",
+               "Seaweed-Colour": "blue"}
+    storage = DistributedStorage(hosts=[s3_host(seaweed), seaweed.filer_host],
+                                 **s3_options(seaweed, object_parameters={"kept/*": headers}))
+    storage.save("kept/a.txt", ContentFile(b"kept"))
+    _, s3 = seaweed.head("/media/media/kept/a.txt")
+    filer = {key.lower(): value for key, value in urllib3.request(
+        "HEAD", seaweed.filer_url + "/media/kept/a.txt", timeout=10).headers.items()}
+    s3_kept = {key for key in headers if s3.get(key.lower()) == headers[key]}
+    filer_kept = {key for key in headers if filer.get(key.lower()) == headers[key]}
+    assert s3_kept == {"Cache-Control", "Content-Disposition", "Content-Encoding",
+                       "Content-Language", "Expires", "x-amz-meta-colour",
+                       "x-amz-storage-class"}
+    assert s3["x-amz-tagging-count"] == "1"  # tags are kept, and counted on HEAD
+    assert filer_kept == {"Cache-Control", "Content-Disposition", "Expires", "Seaweed-Colour"}
+    assert s3["content-type"] == filer["content-type"].partition(";")[0] == "text/plain"
+
+
+@pytest.mark.parametrize(("parameters", "message"), [
+    ({"*": {"Cache-Control": "a\r\nX-Injected: 1"}}, "whose name is not an HTTP token or "
+                                                      "whose value holds a line break"),
+    ({"*": {"Bad Name": "x"}}, "'Bad Name'"),
+    ({"*": {"Content-Length": "1"}}, "'Content-Length', which django_resto_gevent writes"),
+    ({"*": {"x-amz-checksum-crc32": "AAAA"}}, "'x-amz-checksum-crc32', which"),
+    ({"*": {"x-amz-copy-source": "/other/key"}}, "'x-amz-copy-source', which"),
+    ({"*": {"Cache-Control": "a", "cache-control": "b"}}, "twice (header names ignore case)"),
+    ({"*": {"Cache-Control": 86400}}, "must be a dict of header names to strings"),
+    ({"*": "max-age=1"}, "must be a dict of header names to strings"),
+    (["*.css"], "must be a dict of file name patterns to headers"),
+])
+def test_bad_object_parameters_are_refused_before_anything(parameters, message, media_servers,
+                                                            tmp_path):
+    server, = media_servers()
+    storage = HybridStorage(location=str(tmp_path), hosts=[server.address],
+                            object_parameters=parameters)
+    with pytest.raises(ImproperlyConfigured) as info:
+        storage.save("never.txt", ContentFile(b"x"))
+    assert message in str(info.value)
+    assert "The 'object_parameters' option of HybridStorage" in str(info.value)
+    assert server.log == []
+    assert not (tmp_path / "never.txt").exists()
+    with override_settings(RESTO_OBJECT_PARAMETERS=parameters), \
+            pytest.raises(ImproperlyConfigured, match="The RESTO_OBJECT_PARAMETERS setting"):
+        HybridStorage(location=str(tmp_path), hosts=[server.address]).save(
+            "never.txt", ContentFile(b"x"))
+
+
+@pytest.mark.parametrize("storage_class", STORAGE_CLASSES, ids=lambda cls: cls.__name__)
+def test_bad_headers_from_a_callable_are_refused_before_any_request(storage_class, media_servers,
+                                                                    tmp_path):
+    server, = media_servers()
+
+    def parameters(name):
+        return {"Content-Disposition": "attachment; filename=\u65e5.txt"}
+
+    storage = make_storage(storage_class, [server.address], tmp_path,
+                           object_parameters=parameters)
+    with pytest.raises(ImproperlyConfigured) as info:
+        storage.save("never.txt", ContentFile(b"x"))
+    assert ("The headers that the RESTO_OBJECT_PARAMETERS / object_parameters function "
+            "test_bad_headers_from_a_callable_are_refused_before_any_request.<locals>."
+            "parameters returned for 'never.txt'") in str(info.value)
+    assert "filename*=UTF-8''" in str(info.value)
+    settle(storage)
+    assert server.log == []
+    assert not (tmp_path / "master" / "never.txt").exists()
+
+
+def test_webdav_servers_keep_no_object_parameters_and_verify_nothing(webdav_hosts):
+    # What the README says of plain hosts: the headers of RESTO_OBJECT_PARAMETERS
+    # go with the PUT and are dropped, and a body is stored as it arrives.
+    host = webdav_hosts.hosts[0]
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5, object_parameters={
+        "*": {"Cache-Control": "max-age=60", "Content-Disposition": "attachment",
+              "Content-Type": "application/x-resto", "X-Meta": "kept?"}})
+    transport.create(host, "params/style.css", b"body {}")
+    served = urllib3.request("HEAD", transport.url(host, "params/style.css"), timeout=10)
+    assert served.status == 200
+    assert not {"cache-control", "content-disposition", "x-meta"} & {
+        key.lower() for key in served.headers}
+    assert served.headers.get("Content-Type") != "application/x-resto"
+    wrong_md5 = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    put = urllib3.request("PUT", transport.url(host, "params/unchecked.txt"), body=b"sent",
+                          headers={"Content-MD5": wrong_md5}, timeout=10)
+    assert put.status in (200, 201, 204)
+    assert transport.content(host, "params/unchecked.txt") == b"sent"
+
+
+def test_object_parameters_go_to_plain_hosts_too(media_servers):
+    server, = media_servers()
+    transport = DefaultTransport(base_url="/media/", object_parameters={
+        "*.txt": {"Cache-Control": "no-cache"}, "*": {"X-Other": "1"}})
+    assert transport.object_headers("a.txt") == {"Cache-Control": "no-cache", "X-Other": "1"}
+    assert transport.object_headers("a.bin") == {"X-Other": "1"}
+    # A later pattern's header replaces an earlier one's, whatever its case.
+    transport = DefaultTransport(base_url="/media/", object_parameters={
+        "*": {"Cache-Control": "max-age=60"}, "hot/*": {"cache-control": "no-store"}})
+    assert transport.object_headers("hot/a.txt") == {"cache-control": "no-store"}
+    assert transport.object_headers("cold/a.txt") == {"Cache-Control": "max-age=60"}
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("s3_part_size", 1024 * 1024, "from 5 MiB (5242880) to 5 GiB (5368709120), the sizes S3 "
+                                  "allows, not 1048576. Set e.g. RESTO_S3_PART_SIZE = "),
+    ("s3_part_size", "16MB", "not '16MB'"),
+    ("s3_multipart_threshold", 6 * 1024 ** 3, "not 6442450944. Set e.g. "
+                                              "RESTO_S3_MULTIPART_THRESHOLD = 64 * 1024 * 1024"),
+    ("s3_parts_in_flight", 0, "must be a whole number from 1 to 64, not 0"),
+    ("s3_parts_in_flight", True, "not True"),
+])
+def test_bad_multipart_settings_are_explained(option, value, message, tmp_path):
+    storage = HybridStorage(location=str(tmp_path), hosts=["s3+http://127.0.0.1:1/b"],
+                            s3_access_key_id="k", s3_secret_access_key="s", **{option: value})
+    with pytest.raises(ImproperlyConfigured) as info:
+        storage.save("never.txt", ContentFile(b"x"))
+    assert "The %r option of HybridStorage" % option in str(info.value)
+    assert message in str(info.value)
+    assert not (tmp_path / "never.txt").exists()
+
+
+def test_parts_grow_so_that_ten_thousand_hold_the_file():
+    transport = types.SimpleNamespace(s3_part_size=5 * MIB, s3_parts_in_flight=4)
+    kind = types.SimpleNamespace(entry="s3+http://h/b")
+    for size in (5 * MIB + 1, 10000 * 5 * MIB, 10000 * 5 * MIB + 1, 5 * 1024 ** 4):
+        upload = django_resto_gevent._MultipartUpload(transport, kind, "n", "u", b"", size, {})
+        assert upload.count <= 10000
+        assert (upload.count - 1) * upload.part_size < size <= upload.count * upload.part_size
+        assert upload.part_size % MIB == 0
+        assert upload.part_size >= 5 * MIB
+    assert upload.part_size == 525 * MIB  # 5 TiB, the largest S3 object
+
+
+S3_CREATED = (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s")
+
+
+def canned_s3_answer(body, status=b"200 OK", headers=b""):
+    """Return an answer of a canned S3 host, with ``body``."""
+    return (b"HTTP/1.1 %s\r\n%sContent-Length: %d\r\n\r\n%s"
+            % (status, headers, len(body), body), False)
+
+
+INITIATED = canned_s3_answer(
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<InitiateMultipartUploadResult xmlns="http://s3'
+    b'.amazonaws.com/doc/2006-03-01/"><Bucket>b</Bucket><Key>media/big.bin</Key><UploadId>'
+    b'id+/=&amp;1</UploadId></InitiateMultipartUploadResult>')
+PART_STORED = canned_s3_answer(b"", headers=b'ETag: "0123"\r\n')
+ABORTED = canned_s3_answer(b"", status=b"204 No Content")
+
+
+@pytest.mark.parametrize(("answers", "message"), [
+    ([INITIATED, PART_STORED, PART_STORED, canned_s3_answer(
+        b"\n\n  <?xml version=\"1.0\"?><Error><Code>InternalError</Code></Error>"), ABORTED],
+     "answered 200 with the S3 error InternalError in its body: the object was not assembled"),
+    ([INITIATED, PART_STORED, canned_s3_answer(b""), ABORTED],
+     "answered 200 without the ETag that CompleteMultipartUpload needs"),
+    ([INITIATED, canned_s3_answer(b"x" * 10, status=b"403 Forbidden"), ABORTED],
+     "answered 403, expected 200"),
+    ([canned_s3_answer(b"<Other/>")], "answered 200 with a Other document, not an upload id"),
+    ([canned_s3_answer(b"<!DOCTYPE x [<!ENTITY a 'b'>]><x>&a;</x>")],
+     "with a document type declaration, which S3 never sends"),
+])
+def test_s3_multipart_answers_that_fail_the_upload(answers, message, canned_host):
+    host = canned_host(*answers)
+    entry = "s3+http://%s/b" % host.address
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5,
+                                 s3_credentials=("k", "s"),
+                                 **dict(MULTIPART, s3_parts_in_flight=1))
+    with pytest.raises(UnexpectedStatusCode, match=re.escape(message)):
+        transport.put(entry, "big.bin", b"x" * (5 * MIB + 1))
+    lines = [head.split(b"\r\n", 1)[0].decode() for head, _ in host.requests]
+    assert lines[0] == "POST /b/media/big.bin?uploads HTTP/1.1"
+    if len(lines) > 1:  # an upload was created: it is aborted, with its id encoded
+        assert lines[-1] == "DELETE /b/media/big.bin?uploadId=id%2B%2F%3D%261 HTTP/1.1"
+    parts = [line for line in lines if "partNumber" in line]
+    assert parts[:1] in ([], ["PUT /b/media/big.bin?partNumber=1&uploadId=id%2B%2F%3D%261 "
+                              "HTTP/1.1"])
+    assert all(not answer for answer in host.answers)
+
+
+def test_s3_an_abort_that_fails_is_logged_with_the_upload_id(canned_host, caplog):
+    host = canned_host(INITIATED, canned_s3_answer(b"", status=b"403 Forbidden"),
+                       canned_s3_answer(b"", status=b"500 Internal Server Error"))
+    entry = "s3+http://%s/b" % host.address
+    transport = DefaultTransport(base_url="/media/", retries=0, timeout=5,
+                                 s3_credentials=("k", "s"),
+                                 **dict(MULTIPART, s3_parts_in_flight=1))
+    with pytest.raises(UnexpectedStatusCode, match="answered 403"):
+        transport.put(entry, "big.bin", b"x" * (5 * MIB + 1))
+    [logged] = resto_records(caplog)
+    assert logged.startswith("Failed to abort the multipart upload id+/=&1 of big.bin on %s. "
+                             "DELETE " % entry)
+    assert "answered 500" in logged
+    assert "a lifecycle rule (AbortIncompleteMultipartUpload) removes them" in logged
+
+
+@pytest.mark.parametrize("assembled", [True, False])
+def test_s3_completion_whose_answer_was_lost(assembled, canned_host):
+    # The first CompleteMultipartUpload completes the upload, but its answer
+    # is lost; the retry finds the upload gone (404). The object's ETag says
+    # whether it holds the parts sent: the MD5 of their MD5s, then "-2".
+    first, second = hashlib.md5(b"1").hexdigest(), hashlib.md5(b"2").hexdigest()
+    etag = hashlib.md5(bytes.fromhex(first + second)).hexdigest() + "-2"
+    host = canned_host(
+        INITIATED,
+        canned_s3_answer(b"", headers=b'ETag: "%s"\r\n' % first.encode()),
+        canned_s3_answer(b"", headers=b'ETag: "%s"\r\n' % second.encode()),
+        (b"", True),  # read, never answered
+        canned_s3_answer(b"<Error><Code>NoSuchUpload</Code></Error>", status=b"404 Not Found"),
+        canned_s3_answer(b"", headers=b'ETag: "%s"\r\n' % (
+            etag if assembled else "0" * 32 + "-2").encode()),
+        ABORTED)
+    entry = "s3+http://%s/b" % host.address
+    transport = DefaultTransport(base_url="/media/", retries=1, timeout=5,
+                                 s3_credentials=("k", "s"),
+                                 **dict(MULTIPART, s3_parts_in_flight=1))
+    if assembled:
+        assert transport.put(entry, "big.bin", b"x" * (5 * MIB + 1)) == 201
+    else:
+        with pytest.raises(UnexpectedStatusCode, match="answered 404.*NoSuchUpload"):
+            transport.put(entry, "big.bin", b"x" * (5 * MIB + 1))
+    methods = [head.split(b" ", 1)[0].decode() for head, _ in host.requests]
+    assert methods == ["POST", "PUT", "PUT", "POST", "POST", "HEAD"] + (
+        [] if assembled else ["DELETE"])
+
+
+# XML and checksums against botocore, on generated inputs.
+
+def random_text(rng, size):
+    """Return text of ``size`` characters, XML-special and non-ASCII ones among them."""
+    alphabet = "abcXYZ019 -_.+/=&<>\"'\u00e9\u65e5"
+    return "".join(rng.choice(alphabet) for _ in range(size))
+
+
+def test_complete_body_matches_botocore():
+    botocore_session = pytest.importorskip("botocore.session")
+    from botocore.serialize import create_serializer
+
+    operation = botocore_session.get_session().get_service_model("s3").operation_model(
+        "CompleteMultipartUpload")
+    serializer = create_serializer("rest-xml")
+    rng = random.Random(15)
+    for _ in range(200):
+        parts = [(number, '"%s"' % random_text(rng, rng.randrange(0, 40)),
+                  base64.b64encode(rng.randbytes(4)).decode())
+                 for number in range(1, rng.randrange(1, 30))]
+        expected = serializer.serialize_to_request({
+            "Bucket": "b", "Key": "k", "UploadId": "u", "MultipartUpload": {"Parts": [
+                {"ETag": etag, "PartNumber": number, "ChecksumCRC32": crc}
+                for number, etag, crc in parts]}}, operation)["body"]
+        assert django_resto_gevent._s3_complete_body(parts) == expected
+
+
+def test_upload_id_and_error_code_parsing_match_botocore():
+    botocore_session = pytest.importorskip("botocore.session")
+    from botocore.parsers import create_parser
+
+    model = botocore_session.get_session().get_service_model("s3")
+    initiate = model.operation_model("CreateMultipartUpload").output_shape
+    parser = create_parser("rest-xml")
+    rng = random.Random(16)
+    for _ in range(300):
+        upload_id = random_text(rng, rng.randrange(1, 60)).strip() or "x"
+        escaped = xml.sax.saxutils.escape(upload_id).encode()
+        namespace = rng.choice([b' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"', b""])
+        declaration = rng.choice([b'<?xml version="1.0" encoding="UTF-8"?>\n', b""])
+        body = (declaration + b"<InitiateMultipartUploadResult%s><Bucket>b</Bucket><Key>k</Key>"
+                b"<UploadId>%s</UploadId></InitiateMultipartUploadResult>" % (namespace, escaped))
+        parsed = parser.parse({"body": body, "headers": {}, "status_code": 200}, initiate)
+        assert django_resto_gevent._s3_upload_id(body) == parsed["UploadId"] == upload_id
+        code = rng.choice(["BadDigest", "InternalError", "NoSuchUpload", "SlowDown"])
+        error = (declaration + b"<Error><Code>%s</Code><Message>%s</Message></Error>"
+                 % (code.encode(), escaped))
+        parsed = parser.parse({"body": error, "headers": {}, "status_code": 400}, initiate)
+        assert django_resto_gevent._s3_completion_error(error) == parsed["Error"]["Code"] == code
+        assert django_resto_gevent._s3_error_code(error) == code
+
+
+def test_crc32_header_matches_botocore():
+    checksums = pytest.importorskip("botocore.httpchecksum")
+    rng = random.Random(17)
+    for size in [0, 1, 3, 4, 1000, 65536, 1 << 20] + [rng.randrange(1 << 16) for _ in range(50)]:
+        data = rng.randbytes(size)
+        reference = checksums.Crc32Checksum()
+        reference.update(data)
+        assert django_resto_gevent._crc32_text(zlib.crc32(data)) == reference.b64digest()
+        payload = django_resto_gevent._Payload(ContentFile(data))
+        with payload:
+            assert django_resto_gevent._crc32_text(payload.crc32()) == reference.b64digest()
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8333/b/media/a%20b.txt?uploads",
+    "http://127.0.0.1:8333/b/media/a.txt?partNumber=7&uploadId=id%2B%2F%3D%261",
+    "https://s3.example.com/b/media/caf%C3%A9.bin?uploadId=2~x.y_z-",
+])
+def test_multipart_requests_sign_as_botocore(url):
+    botocore_auth = pytest.importorskip("botocore.auth")
+    from unittest import mock
+
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    now = datetime.datetime(2024, 2, 29, 23, 59, 58)
+    body = b"<CompleteMultipartUpload/>"
+    headers = {"Content-Length": str(len(body)), "x-amz-checksum-crc32": "AAAAAA=="}
+    request = AWSRequest(method="POST", url=url, headers=dict(headers), data=body)
+    with mock.patch("botocore.auth.get_current_datetime", return_value=now):
+        botocore_auth.S3SigV4Auth(Credentials("AKIDEXAMPLE", "secret"), "s3",
+                                  "us-east-1").add_auth(request)
+    kind = DefaultTransport(base_url="/media/", s3_credentials=(
+        "AKIDEXAMPLE", "secret"))._host("s3+http://h/b")
+    with mock.patch.object(django_resto_gevent, "_sigv4_timestamp",
+                           return_value=now.strftime("%Y%m%dT%H%M%SZ")):
+        ours = kind.sign("POST", url, dict(headers, **{
+            "X-Amz-Content-Sha256": hashlib.sha256(body).hexdigest()}))
+    assert ours["Authorization"] == request.headers["Authorization"]
+    assert ours["X-Amz-Content-Sha256"] == request.headers["X-Amz-Content-SHA256"]
+
+
+###############################################################################
 # Reliability: the fault matrix
 ###############################################################################
 
@@ -3330,6 +3924,69 @@ def test_unpatched_process_fans_out_on_threads_within_deadlines(tmp_path):
     assert report["joined"] is True
     # parallel and async/*: hang and trickle raised, so their copies were removed.
     assert report["files"] == [1 + 20] * 3
+
+
+UNPATCHED_MULTIPART_SCRIPT = r"""
+import _thread, json, os, sys, threading
+import django
+from django.conf import settings
+settings.configure(MEDIA_URL="/media/")
+django.setup()
+from django.core.files.base import ContentFile
+import django_resto_gevent as resto
+
+assert not resto._sockets_patched()
+good, cut, slow, location, key, secret = sys.argv[1:]
+senders = set()
+send_part = resto._MultipartUpload._send_part
+
+def recording_send_part(self, number):
+    senders.add(threading.current_thread().name)
+    return send_part(self, number)
+
+resto._MultipartUpload._send_part = recording_send_part
+options = dict(s3_access_key_id=key, s3_secret_access_key=secret, retries=0,
+               s3_multipart_threshold=5 << 20, s3_part_size=5 << 20, s3_parts_in_flight=2)
+data = os.urandom((10 << 20) + 12345)
+report = {}
+storage = resto.HybridStorage(location=location, hosts=[good], **options)
+storage.save("threads/big.bin", ContentFile(data))
+report["landed"] = storage.transport.content(good, "threads/big.bin") == data
+report["senders"] = sorted(senders)
+storage = resto.HybridStorage(location=location, hosts=[cut], **options)
+try:
+    storage.save("threads/cut.bin", ContentFile(data))
+    report["cut"] = "saved"
+except resto.ReplicationError as error:
+    report["cut"] = error.hosts
+# Ctrl-C in the middle of the parts, sent through a slow link.
+threading.Timer(0.5, _thread.interrupt_main).start()
+try:
+    storage.transport.put(slow, "threads/interrupted.bin", data)
+    report["interrupted"] = False
+except KeyboardInterrupt:
+    report["interrupted"] = True
+print(json.dumps(report))
+"""
+
+
+def test_unpatched_process_sends_parts_on_threads(seaweed, tmp_path):
+    gateway = seaweed.s3_url.partition("//")[2]
+    proxy = FaultProxy(gateway, cut_after=7 * MIB).start()
+    slow = DelayProxy(gateway, 0.01).start()
+    try:
+        cut = "s3+http://%s/media" % proxy.address
+        report = json.loads(python_output(
+            UNPATCHED_MULTIPART_SCRIPT, s3_host(seaweed), cut, "s3+http://%s/media"
+            % slow.address, str(tmp_path), seaweed.access_key, seaweed.secret_key))
+    finally:
+        proxy.stop()
+        slow.stop()
+    assert report == {"landed": True, "senders": ["resto-part"], "cut": [cut],
+                      "interrupted": True}
+    assert proxy.cut == 1
+    assert uploads_of(seaweed, "threads/") == []  # the cut and the interrupted: aborted
+    assert s3_content(seaweed, "threads/interrupted.bin") is None
 
 
 STALLED_HOST_SCRIPT = r"""

@@ -608,14 +608,18 @@ class Bench:
 ###############################################################################
 
 
-def machine(workers):
-    """Describe the machine and the versions in use."""
-    cpu = "unknown CPU"
+def cpu_model():
+    """Return the model name of this machine's CPU, as /proc/cpuinfo gives it."""
     with open("/proc/cpuinfo") as cpuinfo:
         for line in cpuinfo:
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def machine(workers):
+    """Describe the machine and the versions in use."""
+    cpu = cpu_model()
     nginx = subprocess.run([find_nginx(), "-v"], capture_output=True, text=True, check=False)
     new, old = workers["new"].info, workers["original"].info
     return ("%s, %d cores, %s; Python %s, Django %s, gevent %s, urllib3 %s, %s, %s; "
