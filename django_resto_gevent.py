@@ -116,86 +116,126 @@ logger = logging.getLogger("django_resto_gevent")
 
 
 ###############################################################################
+# Process state
+###############################################################################
+
+# Everything this module keeps across storages and transports in one
+# process, in one object, so that a reader sees at a glance what a process
+# holds. What holds sockets or threads (the pool manager, the thread pools)
+# is keyed by process id and rebuilt in a child after fork().
+
+
+class _ProcessState:
+    """What this process holds: settings generation, pools, threads, memories."""
+
+    def __init__(self):
+        # Bumped on every setting_changed: storages check their options again.
+        self.settings_generation = 0
+        # (process id and whether sockets are patched, PoolManager, its pools).
+        self.pools = (None, None, 0)
+        # ("purpose", process id) -> _DaemonThreads.
+        self.executors = {}
+        # The AsyncStorage background queues, flushed at exit (registered once).
+        self.backgrounds = weakref.WeakSet()
+        self.exit_flush_registered = False
+        self.reset()
+
+    def reset(self):
+        """Forget what was learnt about hosts and what was said once (for tests).
+
+        WebDAV collections known to exist and the hosts that need them;
+        derived SigV4 keys; the verdict on a late ssl patch; the warning
+        about unverified TLS. Pools, threads and queues in flight stay.
+        """
+        self.known_collections = set()
+        self.collection_hosts = set()
+        self.sigv4_keys = {}
+        # (process id and whether ssl is patched, verdict): replaced whole.
+        self.late_ssl = (None, False)
+        self.insecure_warned = False
+
+
+_process = _ProcessState()
+
+
+###############################################################################
 # Settings
 ###############################################################################
 
-# Every setting, with the constructor keyword of the same meaning and its
-# default. Values are looked up when used, never at import or class-definition
-# time, so that override_settings() and late settings.configure() work.
-_SETTINGS = {
-    "hosts": ("RESTO_MEDIA_HOSTS", ()),
-    "fatal_exceptions": ("RESTO_FATAL_EXCEPTIONS", True),
-    "show_traceback": ("RESTO_SHOW_TRACEBACK", False),
-    "timeout": ("RESTO_TIMEOUT", 2),
-    "retries": ("RESTO_RETRIES", 1),
-    # None: every host when RESTO_FATAL_EXCEPTIONS, else 0 (see min_replicas).
-    "min_replicas": ("RESTO_MIN_REPLICAS", None),
-    "async_max_pending": ("RESTO_ASYNC_MAX_PENDING", 10000),
-    # Save under the name asked for, replacing any file there (Django 5.1's
-    # FileSystemStorage keyword), instead of finding a free variant.
-    "allow_overwrite": ("RESTO_ALLOW_OVERWRITE", False),
-    # ("user", "password") for Basic auth, or a dict of headers to send.
-    "http_auth": ("RESTO_HTTP_AUTH", None),
-    # A PEM file of the CAs that sign the hosts' certificates (None: the
-    # system's CAs).
-    "ca_bundle": ("RESTO_CA_BUNDLE", None),
-    "tls_verify": ("RESTO_TLS_VERIFY", True),
-    # Credentials and default region of the "s3+https://endpoint/bucket" hosts.
-    "s3_access_key_id": ("RESTO_S3_ACCESS_KEY_ID", None),
-    "s3_secret_access_key": ("RESTO_S3_SECRET_ACCESS_KEY", None),
-    "s3_region": ("RESTO_S3_REGION", "us-east-1"),
-    # Files larger than this go to S3 hosts as a multipart upload, in parts
-    # of RESTO_S3_PART_SIZE bytes, at most RESTO_S3_PARTS_IN_FLIGHT of them
-    # in flight (and in memory) per host at once.
-    "s3_multipart_threshold": ("RESTO_S3_MULTIPART_THRESHOLD", 64 * 1024 * 1024),
-    "s3_part_size": ("RESTO_S3_PART_SIZE", 16 * 1024 * 1024),
-    "s3_parts_in_flight": ("RESTO_S3_PARTS_IN_FLIGHT", 4),
-    # Headers sent with every upload of a file (Cache-Control, ...): a dict
-    # of name patterns to headers, or a callable name -> headers.
-    "object_parameters": ("RESTO_OBJECT_PARAMETERS", None),
-}
+class _Endpoint(namedtuple("_Endpoint", "scheme netloc bucket prefix region")):
+    """A parsed host entry: where requests go, and for S3 the bucket and key prefix.
 
-# Keywords whose values are secrets: never logged, never in repr(), never
-# written by deconstruct() into a migration.
-_SECRET_KEYWORDS = frozenset(("http_auth", "s3_secret_access_key"))
-
-# Settings of the whole process, with no keyword: the exit flush covers every
-# AsyncStorage at once.
-_PROCESS_SETTINGS = {
-    "RESTO_ASYNC_EXIT_TIMEOUT": 30,
-}
-
-_DEFAULTS = dict(_SETTINGS.values(), **_PROCESS_SETTINGS)
-
-
-def get_setting(name):
-    """Return the value of a ``RESTO_*`` setting, or its default.
-
-    ``name`` may be given with or without its ``RESTO_`` prefix.
+    ``bucket`` is None for a plain HTTP host. ``prefix`` is None when the
+    key prefix is the path of MEDIA_URL, as for plain hosts.
     """
-    if not name.startswith("RESTO_"):
-        name = "RESTO_" + name
-    if name not in _DEFAULTS:
+
+    __slots__ = ()
+
+
+_HOST_FORMS = ("Write each host as 'host:port', 'http://host:port', 'https://host:port' "
+               "or 's3+https://endpoint/bucket'.")
+
+
+def _parse_s3_host(host, source):
+    """Return the _Endpoint of an ``s3+http(s)://endpoint/bucket[/prefix]`` entry."""
+    parts = urlsplit(host[len("s3+"):])
+    segments = [segment for segment in parts.path.split("/") if segment]
+    query = parse_qs(parts.query)
+    if parts.scheme not in ("http", "https") or not parts.netloc or not segments \
+            or parts.fragment or set(query) - {"region"}:
         raise ImproperlyConfigured(
-            "Unknown django_resto_gevent setting %r. Known settings: %s."
-            % (name, ", ".join(sorted(_DEFAULTS)))
+            "%s contains %r, which is not an S3 bucket. Write it as "
+            "'s3+https://endpoint[:port]/bucket', optionally followed by a key "
+            "prefix ('/bucket/media/') and '?region=eu-west-1'; credentials go in "
+            "RESTO_S3_ACCESS_KEY_ID and RESTO_S3_SECRET_ACCESS_KEY, never in the "
+            "entry." % (source, host)
         )
-    return getattr(settings, name, _DEFAULTS[name])
+    bucket, rest = segments[0], segments[1:]
+    prefix = "".join(segment + "/" for segment in rest) if rest else None
+    region = query["region"][0] if "region" in query else None
+    return _Endpoint(parts.scheme, parts.netloc, bucket, prefix, region)
 
 
-# A storage checks each option once and keeps the value until a setting
-# changes: override_settings() sends setting_changed, which FileSystemStorage
-# relies on too. Checking every option on every save cost more CPU than a
-# small request.
-_settings_state = {"generation": 0}
+@functools.lru_cache(maxsize=1024)
+def _parse_host_text(host, default_scheme, source):
+    """Parse a host entry that is a non-empty string (cached: every request needs it)."""
+    if "@" in host.partition("://")[2].partition("/")[0] or "@" in host.partition("/")[0]:
+        # Host entries appear in logs and errors: no credentials in them.
+        raise ImproperlyConfigured(
+            "%s contains an entry with credentials in it (not shown). Write the host "
+            "alone and put the credentials in RESTO_HTTP_AUTH (or RESTO_S3_* for S3)."
+            % source)
+    if host.startswith("s3+"):
+        return _parse_s3_host(host, source)
+    if "://" in host:
+        parts = urlsplit(host)
+        scheme, netloc = parts.scheme, parts.netloc
+        if scheme not in ("http", "https") or not netloc or parts.path not in ("", "/") \
+                or parts.query or parts.fragment:
+            raise ImproperlyConfigured(
+                "%s contains %r, which is not a media host URL. Write it as "
+                "'http://host:port' or 'https://host:port', without a path: "
+                "the path comes from MEDIA_URL." % (source, host)
+            )
+        return _Endpoint(scheme, netloc, None, None, None)
+    if "/" in host or " " in host:
+        raise ImproperlyConfigured("%s contains %r, which is not a media host. %s"
+                                   % (source, host, _HOST_FORMS))
+    return _Endpoint(default_scheme, host, None, None, None)
 
 
-def _count_settings_change(**kwargs):
-    """Make every storage read and check its options again on next use."""
-    _settings_state["generation"] += 1
+def _parse_host(host, default_scheme, source="RESTO_MEDIA_HOSTS"):
+    """Return the _Endpoint of a host entry, or raise a clear error.
 
-
-setting_changed.connect(_count_settings_change, dispatch_uid="django_resto_gevent")
+    An entry is ``"host:port"``, whose scheme is ``default_scheme``; a full
+    ``"http://host:port"`` / ``"https://host:port"`` URL without a path (the
+    path comes from MEDIA_URL); or an S3 bucket, path-style:
+    ``"s3+https://endpoint[:port]/bucket[/key/prefix][?region=name]"``.
+    """
+    if not isinstance(host, str) or not host.strip():
+        raise ImproperlyConfigured("%s contains %r, which is not a media host. %s"
+                                   % (source, host, _HOST_FORMS))
+    return _parse_host_text(host, default_scheme, source)
 
 
 def _check_hosts(value, source):
@@ -296,20 +336,21 @@ def _check_ca_bundle(value, source):
     return os.fspath(value)
 
 
-def _check_optional_text(value, source):
-    """Return None or a non-empty string, or raise a clear error."""
+def _check_optional_text(value, source, secret=False):
+    """Return None or a non-empty string, or raise a clear error.
+
+    A ``secret`` value is described by its type, never shown.
+    """
     if value is None or (isinstance(value, str) and value.strip()):
         return value
-    raise ImproperlyConfigured("%s must be a non-empty string, not %r." % (source, value))
+    shown = ("a %s (its value is not shown: it may be a secret)" % type(value).__name__
+             if secret else repr(value))
+    raise ImproperlyConfigured("%s must be a non-empty string, not %s." % (source, shown))
 
 
 def _check_secret(value, source):
     """Return None or a non-empty string; a bad value is described, never shown."""
-    if value is None or (isinstance(value, str) and value.strip()):
-        return value
-    raise ImproperlyConfigured(
-        "%s must be a non-empty string, not a %s (its value is not shown: it may "
-        "be a secret)." % (source, type(value).__name__))
+    return _check_optional_text(value, source, secret=True)
 
 
 def _check_flag(value, source):
@@ -450,107 +491,146 @@ def _object_headers(parameters, name):
     return merged
 
 
-_CHECKS = {
-    "hosts": _check_hosts,
-    "fatal_exceptions": _check_flag,
-    "show_traceback": _check_flag,
-    "timeout": _check_timeout,
-    "retries": _check_count,
-    "min_replicas": _check_optional_count,
-    "async_max_pending": _check_positive_count,
-    "allow_overwrite": _check_flag,
-    "http_auth": _check_http_auth,
-    "ca_bundle": _check_ca_bundle,
-    "tls_verify": _check_flag,
-    "s3_access_key_id": _check_optional_text,
-    "s3_secret_access_key": _check_secret,
-    "s3_region": _check_optional_text,
-    "s3_multipart_threshold": _check_multipart_threshold,
-    "s3_part_size": _check_part_size,
-    "s3_parts_in_flight": _check_parts_in_flight,
-    "object_parameters": _check_object_parameters,
+# Every setting: the constructor keyword of the same meaning, then the
+# setting, its default and the function that checks a value of it. Values
+# are looked up when used, never at import or class-definition time, so that
+# override_settings() and late settings.configure() work.
+_SETTINGS = {
+    "hosts": ("RESTO_MEDIA_HOSTS", (), _check_hosts),
+    "fatal_exceptions": ("RESTO_FATAL_EXCEPTIONS", True, _check_flag),
+    "show_traceback": ("RESTO_SHOW_TRACEBACK", False, _check_flag),
+    "timeout": ("RESTO_TIMEOUT", 2, _check_timeout),
+    "retries": ("RESTO_RETRIES", 1, _check_count),
+    # None: every host when RESTO_FATAL_EXCEPTIONS, else 0 (see min_replicas).
+    "min_replicas": ("RESTO_MIN_REPLICAS", None, _check_optional_count),
+    "async_max_pending": ("RESTO_ASYNC_MAX_PENDING", 10000, _check_positive_count),
+    # Save under the name asked for, replacing any file there (Django 5.1's
+    # FileSystemStorage keyword), instead of finding a free variant.
+    "allow_overwrite": ("RESTO_ALLOW_OVERWRITE", False, _check_flag),
+    # ("user", "password") for Basic auth, or a dict of headers to send.
+    "http_auth": ("RESTO_HTTP_AUTH", None, _check_http_auth),
+    # A PEM file of the CAs that sign the hosts' certificates (None: the
+    # system's CAs).
+    "ca_bundle": ("RESTO_CA_BUNDLE", None, _check_ca_bundle),
+    "tls_verify": ("RESTO_TLS_VERIFY", True, _check_flag),
+    # Credentials and default region of the "s3+https://endpoint/bucket" hosts.
+    "s3_access_key_id": ("RESTO_S3_ACCESS_KEY_ID", None, _check_optional_text),
+    "s3_secret_access_key": ("RESTO_S3_SECRET_ACCESS_KEY", None, _check_secret),
+    "s3_region": ("RESTO_S3_REGION", "us-east-1", _check_optional_text),
+    # Files larger than this go to S3 hosts as a multipart upload, in parts
+    # of RESTO_S3_PART_SIZE bytes, at most RESTO_S3_PARTS_IN_FLIGHT of them
+    # in flight (and in memory) per host at once.
+    "s3_multipart_threshold": ("RESTO_S3_MULTIPART_THRESHOLD", 64 * 1024 * 1024,
+                               _check_multipart_threshold),
+    "s3_part_size": ("RESTO_S3_PART_SIZE", 16 * 1024 * 1024, _check_part_size),
+    "s3_parts_in_flight": ("RESTO_S3_PARTS_IN_FLIGHT", 4, _check_parts_in_flight),
+    # Headers sent with every upload of a file (Cache-Control, ...): a dict
+    # of name patterns to headers, or a callable name -> headers.
+    "object_parameters": ("RESTO_OBJECT_PARAMETERS", None, _check_object_parameters),
 }
 
+# Keywords whose values are secrets: never logged, never in repr(), never
+# written by deconstruct() into a migration.
+_SECRET_KEYWORDS = frozenset(("http_auth", "s3_secret_access_key"))
 
-class _Endpoint(namedtuple("_Endpoint", "scheme netloc bucket prefix region")):
-    """A parsed host entry: where requests go, and for S3 the bucket and key prefix.
+# Settings of the whole process, with no keyword: the exit flush covers every
+# AsyncStorage at once.
+_PROCESS_SETTINGS = {
+    "RESTO_ASYNC_EXIT_TIMEOUT": 30,
+}
 
-    ``bucket`` is None for a plain HTTP host. ``prefix`` is None when the
-    key prefix is the path of MEDIA_URL, as for plain hosts.
+_DEFAULTS = dict(((setting, default) for setting, default, _check in _SETTINGS.values()),
+                 **_PROCESS_SETTINGS)
+
+
+def get_setting(name):
+    """Return the value of a ``RESTO_*`` setting, or its default.
+
+    ``name`` may be given with or without its ``RESTO_`` prefix.
     """
-
-    __slots__ = ()
-
-
-_HOST_FORMS = ("Write each host as 'host:port', 'http://host:port', 'https://host:port' "
-               "or 's3+https://endpoint/bucket'.")
-
-
-def _parse_host(host, default_scheme, source="RESTO_MEDIA_HOSTS"):
-    """Return the _Endpoint of a host entry, or raise a clear error.
-
-    An entry is ``"host:port"``, whose scheme is ``default_scheme``; a full
-    ``"http://host:port"`` / ``"https://host:port"`` URL without a path (the
-    path comes from MEDIA_URL); or an S3 bucket, path-style:
-    ``"s3+https://endpoint[:port]/bucket[/key/prefix][?region=name]"``.
-    """
-    if not isinstance(host, str) or not host.strip():
-        raise ImproperlyConfigured("%s contains %r, which is not a media host. %s"
-                                   % (source, host, _HOST_FORMS))
-    return _parse_host_text(host, default_scheme, source)
-
-
-@functools.lru_cache(maxsize=1024)
-def _parse_host_text(host, default_scheme, source):
-    """Parse a host entry that is a non-empty string (cached: every request needs it)."""
-    if "@" in host.partition("://")[2].partition("/")[0] or "@" in host.partition("/")[0]:
-        # Host entries appear in logs and errors: no credentials in them.
+    if not name.startswith("RESTO_"):
+        name = "RESTO_" + name
+    if name not in _DEFAULTS:
         raise ImproperlyConfigured(
-            "%s contains an entry with credentials in it (not shown). Write the host "
-            "alone and put the credentials in RESTO_HTTP_AUTH (or RESTO_S3_* for S3)."
-            % source)
-    if host.startswith("s3+"):
-        return _parse_s3_host(host, source)
-    if "://" in host:
-        parts = urlsplit(host)
-        scheme, netloc = parts.scheme, parts.netloc
-        if scheme not in ("http", "https") or not netloc or parts.path not in ("", "/") \
-                or parts.query or parts.fragment:
-            raise ImproperlyConfigured(
-                "%s contains %r, which is not a media host URL. Write it as "
-                "'http://host:port' or 'https://host:port', without a path: "
-                "the path comes from MEDIA_URL." % (source, host)
-            )
-        return _Endpoint(scheme, netloc, None, None, None)
-    if "/" in host or " " in host:
-        raise ImproperlyConfigured("%s contains %r, which is not a media host. %s"
-                                   % (source, host, _HOST_FORMS))
-    return _Endpoint(default_scheme, host, None, None, None)
-
-
-def _parse_s3_host(host, source):
-    """Return the _Endpoint of an ``s3+http(s)://endpoint/bucket[/prefix]`` entry."""
-    parts = urlsplit(host[len("s3+"):])
-    segments = [segment for segment in parts.path.split("/") if segment]
-    query = parse_qs(parts.query)
-    if parts.scheme not in ("http", "https") or not parts.netloc or not segments \
-            or parts.fragment or set(query) - {"region"}:
-        raise ImproperlyConfigured(
-            "%s contains %r, which is not an S3 bucket. Write it as "
-            "'s3+https://endpoint[:port]/bucket', optionally followed by a key "
-            "prefix ('/bucket/media/') and '?region=eu-west-1'; credentials go in "
-            "RESTO_S3_ACCESS_KEY_ID and RESTO_S3_SECRET_ACCESS_KEY, never in the "
-            "entry." % (source, host)
+            "Unknown django_resto_gevent setting %r. Known settings: %s."
+            % (name, ", ".join(sorted(_DEFAULTS)))
         )
-    bucket, rest = segments[0], segments[1:]
-    prefix = "".join(segment + "/" for segment in rest) if rest else None
-    region = query["region"][0] if "region" in query else None
-    return _Endpoint(parts.scheme, parts.netloc, bucket, prefix, region)
+    return getattr(settings, name, _DEFAULTS[name])
+
+
+# A storage checks each option once and keeps the value until a setting
+# changes: override_settings() sends setting_changed, which FileSystemStorage
+# relies on too. Checking every option on every save cost more CPU than a
+# small request.
+def _count_settings_change(**kwargs):
+    """Make every storage read and check its options again on next use."""
+    _process.settings_generation += 1
+
+
+setting_changed.connect(_count_settings_change, dispatch_uid="django_resto_gevent")
 
 
 ###############################################################################
 # Errors and signals
 ###############################################################################
+
+def _redact(url):
+    """Return ``url`` with any user name and password removed."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+# What usually causes an unexpected status, keyed by (method, status), then
+# by status alone. The words are for the sysadmin who reads the error.
+_STATUS_HINTS = {
+    ("PUT", 403): "403 on PUT: is dav_methods enabled and this address allowed?",
+    ("DELETE", 403): "403 on DELETE: is dav_methods enabled and this address allowed?",
+    ("MKCOL", 403): "403 on MKCOL: the server refuses to create directories; "
+                    "allow MKCOL or let PUT create them (nginx: create_full_put_path on).",
+    ("PUT", 404): "404 on PUT: the directory does not exist and the server does not "
+                  "create it; check MEDIA_URL and the server's root.",
+    ("PUT", 405): "405 on PUT: the server does not accept uploads here; enable them "
+                  "(nginx: dav_methods PUT DELETE).",
+    ("DELETE", 405): "405 on DELETE: enable it (nginx: dav_methods PUT DELETE).",
+    ("PUT", 409): "409: the server needs parent collections; allow MKCOL "
+                  "(nginx: dav_methods PUT DELETE MKCOL, or create_full_put_path on).",
+    401: "401: the host wants credentials; check RESTO_HTTP_AUTH.",
+    403: "403: the host refuses this client; check its allow/deny rules and "
+         "RESTO_HTTP_AUTH.",
+    202: "202: the host queued the request instead of doing it; a media host must "
+         "store the file before it answers.",
+    413: "413: the file is over the server's body limit; raise client_max_body_size "
+         "(nginx) or its equivalent.",
+    507: "507: the host's disk is full.",
+}
+
+
+def _status_hint(method, status):
+    """Return what usually causes ``status`` on ``method``, or None."""
+    return _STATUS_HINTS.get((method, status)) or _STATUS_HINTS.get(status)
+
+
+def _find_cause(reason, types):
+    """Return the first exception of ``types`` in ``reason`` or what it wraps, or None."""
+    pending, seen = [reason], 0
+    # urllib3 wraps the socket's or ssl's error in its own, in args or as the cause.
+    while pending and seen < 8:
+        error = pending.pop()
+        seen += 1
+        if isinstance(error, types):
+            return error
+        if isinstance(error, BaseException):
+            pending.extend(arg for arg in error.args if isinstance(arg, BaseException))
+            pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+    return None
+
+
+def _is_certificate_error(reason):
+    """Tell whether ``reason`` is, or wraps, a failed TLS certificate verification."""
+    return _find_cause(reason, ssl.SSLCertVerificationError) is not None
+
 
 
 class RestoError(OSError):
@@ -635,74 +715,6 @@ class _StaleConnection(_NoAnswer):
     """A kept-alive connection the host closed as the request went out on it."""
 
 
-class TransportError(RestoError):
-    """A request to a media host failed before a status code came back."""
-
-    def __init__(self, method, url, host, reason):
-        self.method = method
-        self.url = _redact(url)
-        self.host = host
-        self.reason = reason
-        super().__init__("%s %s failed: %s" % (method, self.url, _with_hint(reason)))
-
-    @property
-    def retryable(self):
-        """False when trying again cannot help: a certificate that fails
-        verification, or a request that could not be written."""
-        return not (_is_certificate_error(self.reason)
-                    or _find_cause(self.reason, _UnwritableRequest) is not None)
-
-
-# What usually causes an unexpected status, keyed by (method, status), then
-# by status alone. The words are for the sysadmin who reads the error.
-_STATUS_HINTS = {
-    ("PUT", 403): "403 on PUT: is dav_methods enabled and this address allowed?",
-    ("DELETE", 403): "403 on DELETE: is dav_methods enabled and this address allowed?",
-    ("MKCOL", 403): "403 on MKCOL: the server refuses to create directories; "
-                    "allow MKCOL or let PUT create them (nginx: create_full_put_path on).",
-    ("PUT", 404): "404 on PUT: the directory does not exist and the server does not "
-                  "create it; check MEDIA_URL and the server's root.",
-    ("PUT", 405): "405 on PUT: the server does not accept uploads here; enable them "
-                  "(nginx: dav_methods PUT DELETE).",
-    ("DELETE", 405): "405 on DELETE: enable it (nginx: dav_methods PUT DELETE).",
-    ("PUT", 409): "409: the server needs parent collections; allow MKCOL "
-                  "(nginx: dav_methods PUT DELETE MKCOL, or create_full_put_path on).",
-    401: "401: the host wants credentials; check RESTO_HTTP_AUTH.",
-    403: "403: the host refuses this client; check its allow/deny rules and "
-         "RESTO_HTTP_AUTH.",
-    202: "202: the host queued the request instead of doing it; a media host must "
-         "store the file before it answers.",
-    413: "413: the file is over the server's body limit; raise client_max_body_size "
-         "(nginx) or its equivalent.",
-    507: "507: the host's disk is full.",
-}
-
-
-def _status_hint(method, status):
-    """Return what usually causes ``status`` on ``method``, or None."""
-    return _STATUS_HINTS.get((method, status)) or _STATUS_HINTS.get(status)
-
-
-def _find_cause(reason, types):
-    """Return the first exception of ``types`` in ``reason`` or what it wraps, or None."""
-    pending, seen = [reason], 0
-    # urllib3 wraps the socket's or ssl's error in its own, in args or as the cause.
-    while pending and seen < 8:
-        error = pending.pop()
-        seen += 1
-        if isinstance(error, types):
-            return error
-        if isinstance(error, BaseException):
-            pending.extend(arg for arg in error.args if isinstance(arg, BaseException))
-            pending.extend(e for e in (error.__cause__, error.__context__) if e is not None)
-    return None
-
-
-def _is_certificate_error(reason):
-    """Tell whether ``reason`` is, or wraps, a failed TLS certificate verification."""
-    return _find_cause(reason, ssl.SSLCertVerificationError) is not None
-
-
 # What to do about a request that got no answer, by the cause found first.
 _REASON_HINTS = (
     (ssl.SSLCertVerificationError,
@@ -741,6 +753,24 @@ def _with_hint(reason):
         text += "."
     hint = _reason_hint(reason)
     return text + " " + hint if hint else text
+
+
+class TransportError(RestoError):
+    """A request to a media host failed before a status code came back."""
+
+    def __init__(self, method, url, host, reason):
+        self.method = method
+        self.url = _redact(url)
+        self.host = host
+        self.reason = reason
+        super().__init__("%s %s failed: %s" % (method, self.url, _with_hint(reason)))
+
+    @property
+    def retryable(self):
+        """False when trying again cannot help: a certificate that fails
+        verification, or a request that could not be written."""
+        return not (_is_certificate_error(self.reason)
+                    or _find_cause(self.reason, _UnwritableRequest) is not None)
 
 
 class ReplicationError(RestoError):
@@ -786,14 +816,6 @@ class BacklogError(RestoError):
 # a site can queue a repair or page someone. Arguments: storage, action, name,
 # host, exception; the sender is the storage class.
 replication_failed = Signal()
-
-
-def _redact(url):
-    """Return ``url`` with any user name and password removed."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 ###############################################################################
@@ -856,7 +878,6 @@ _POOL_CLASSES = {"http": _HTTPConnectionPool, "https": _HTTPSConnectionPool}
 
 
 _pool_lock = threading.Lock()
-_pool_state = {"key": None, "manager": None, "num_pools": 0}
 
 
 def _sockets_patched():
@@ -872,11 +893,12 @@ def _pool_manager(host_count):
     blocking sockets).
     """
     key = (os.getpid(), _sockets_patched())
-    state = _pool_state
-    if state["key"] == key and state["num_pools"] >= host_count:
-        return state["manager"]
+    known, manager, num_pools = _process.pools
+    if known == key and num_pools >= host_count:
+        return manager
     with _pool_lock:
-        if state["key"] != key or state["num_pools"] < host_count:
+        known, manager, num_pools = _process.pools
+        if known != key or num_pools < host_count:
             num_pools = max(_MIN_POOLS, host_count)
             manager = urllib3.PoolManager(
                 num_pools=num_pools,
@@ -886,8 +908,8 @@ def _pool_manager(host_count):
                 retries=False,
             )
             manager.pool_classes_by_scheme = _POOL_CLASSES
-            state.update(key=key, manager=manager, num_pools=num_pools)
-        return state["manager"]
+            _process.pools = (key, manager, num_pools)
+        return manager
 
 
 # Where gevent patched ssl after urllib3 was imported, urllib3 still builds its
@@ -904,10 +926,6 @@ _LATE_SSL_PATCH = (
     "patch first thing in the script that starts the process."
 )
 
-# (process id and whether ssl is patched, verdict): one tuple, replaced whole.
-_late_ssl_verdict = [(None, False)]
-
-
 def _check_ssl_patched_in_time():
     """Raise ImproperlyConfigured where urllib3 holds the SSLContext gevent replaced.
 
@@ -915,11 +933,11 @@ def _check_ssl_patched_in_time():
     call this costs a process id and a comparison.
     """
     key = (os.getpid(), monkey.is_module_patched("ssl"))
-    known, late = _late_ssl_verdict[0]
+    known, late = _process.late_ssl
     if known != key:
         late = key[1] and (urllib3.util.ssl_.SSLContext
                            is monkey.get_original("ssl", "SSLContext"))
-        _late_ssl_verdict[0] = (key, late)
+        _process.late_ssl = (key, late)
     if late:
         raise ImproperlyConfigured(_LATE_SSL_PATCH)
 
@@ -1642,6 +1660,10 @@ def _iso_date(text):
     return moment.timestamp()
 
 
+# NUL, the other C0 controls and DEL: never part of a file name worth keeping.
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+
+
 def _segment(path, directory):
     """Return the name of ``path`` directly under ``directory`` (both decoded), or None.
 
@@ -2031,11 +2053,10 @@ _PROPFIND_RESOURCETYPE = (b'<?xml version="1.0" encoding="utf-8"?>\n'
                           b'<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>\n')
 
 # Collections known to exist, as URLs ending with "/", and the origins
-# ("scheme://netloc") that need them: shared by every transport of the
-# process, so that later saves into a known directory pay nothing.
-_known_collections = set()
+# ("scheme://netloc") that need them are kept by the process
+# (_process.known_collections, _process.collection_hosts), so that later
+# saves into a known directory pay nothing; at most this many collections.
 _MAX_KNOWN_COLLECTIONS = 100000
-_collection_hosts = set()
 
 
 def _collection_paths(path):
@@ -2100,7 +2121,8 @@ class _HTTPHost:
     @property
     def needs_collections(self):
         """Tell whether this host was seen to need parent collections."""
-        return bool(_collection_hosts) and self.origin in _collection_hosts
+        hosts = _process.collection_hosts
+        return bool(hosts) and self.origin in hosts
 
     def collections(self, url):
         """Return the collection URLs above ``url``, top down, e.g. ``.../media/a/``."""
@@ -2160,8 +2182,8 @@ _SIGV4_UNSIGNED_HEADERS = frozenset((
 
 
 # Derived signing keys change once a day per region and service: deriving one
-# costs four HMACs, so keep the few in use (cleared when it grows).
-_sigv4_key_cache = {}
+# costs four HMACs, so the process keeps the few in use (_process.sigv4_keys,
+# cleared when it grows).
 _sigv4_key_lock = threading.Lock()
 _SIGV4_KEY_CACHE_SIZE = 32
 
@@ -2174,15 +2196,16 @@ def _sigv4_hmac(key, message):
 def _sigv4_signing_key(secret_key, date, region, service):
     """Return the derived signing key for one day, region and service."""
     cache_key = (secret_key, date, region, service)
-    key = _sigv4_key_cache.get(cache_key)
+    keys = _process.sigv4_keys
+    key = keys.get(cache_key)
     if key is None:
         key = _sigv4_hmac(("AWS4%s" % secret_key).encode("utf-8"), date)
         for part in (region, service, "aws4_request"):
             key = _sigv4_hmac(key, part)
         with _sigv4_key_lock:
-            if len(_sigv4_key_cache) >= _SIGV4_KEY_CACHE_SIZE:
-                _sigv4_key_cache.clear()
-            _sigv4_key_cache[cache_key] = key
+            if len(keys) >= _SIGV4_KEY_CACHE_SIZE:
+                keys.clear()
+            keys[cache_key] = key
     return key
 
 
@@ -2519,21 +2542,17 @@ _RETRY_STATUSES = frozenset((502, 503, 504))
 _RETRY_BACKOFF = 0.05
 
 
-_insecure_warned = []
-
-
 def _tls_pool_kwargs(ca_bundle, tls_verify):
-    """Return the urllib3 pool keywords for HTTPS hosts; warn once if unverified."""
-    _check_flag(tls_verify, "The RESTO_TLS_VERIFY setting")
+    """Return the urllib3 pool keywords for HTTPS hosts (checked values); warn once if
+    unverified."""
     if not tls_verify:
-        if not _insecure_warned:
-            _insecure_warned.append(True)
+        if not _process.insecure_warned:
+            _process.insecure_warned = True
             logger.warning(
                 "RESTO_TLS_VERIFY is False: the TLS certificates of the media hosts "
                 "are not verified, so anyone on the path can read or change uploads.")
         return {"cert_reqs": "CERT_NONE", "assert_hostname": False}
-    return {"cert_reqs": "CERT_REQUIRED",
-            "ca_certs": _check_ca_bundle(ca_bundle, "The RESTO_CA_BUNDLE setting")}
+    return {"cert_reqs": "CERT_REQUIRED", "ca_certs": ca_bundle}
 
 
 class _Discard:
@@ -2879,32 +2898,23 @@ class DefaultTransport:
                  s3_region=None, s3_multipart_threshold=None, s3_part_size=None,
                  s3_parts_in_flight=None, object_parameters=None):
         self.base_url = settings.MEDIA_URL if base_url is None else base_url
-        self.timeout = get_setting("TIMEOUT") if timeout is None else timeout
-        self.retries = get_setting("RETRIES") if retries is None else retries
+        self.timeout = self._resolve("timeout", timeout)
+        self.retries = self._resolve("retries", retries)
         self.host_count = host_count
-        if http_auth is None:
-            http_auth = get_setting("HTTP_AUTH")
-        self._auth_headers = _check_http_auth(http_auth, "The RESTO_HTTP_AUTH setting")
-        ca_bundle = get_setting("CA_BUNDLE") if ca_bundle is None else ca_bundle
-        tls_verify = get_setting("TLS_VERIFY") if tls_verify is None else tls_verify
-        self._tls = _tls_pool_kwargs(ca_bundle, tls_verify)
+        self._auth_headers = self._resolve("http_auth", http_auth)
+        tls_verify = self._resolve("tls_verify", tls_verify)
+        self._tls = _tls_pool_kwargs(
+            self._resolve("ca_bundle", ca_bundle) if tls_verify else None, tls_verify)
         if s3_credentials is None:
-            s3_credentials = (get_setting("S3_ACCESS_KEY_ID"),
-                              get_setting("S3_SECRET_ACCESS_KEY"))
+            s3_credentials = (self._resolve("s3_access_key_id", None),
+                              self._resolve("s3_secret_access_key", None))
         self._s3_credentials = s3_credentials
-        self.s3_region = get_setting("S3_REGION") if s3_region is None else s3_region
-        self.s3_multipart_threshold = _check_multipart_threshold(
-            get_setting("S3_MULTIPART_THRESHOLD") if s3_multipart_threshold is None
-            else s3_multipart_threshold, "The RESTO_S3_MULTIPART_THRESHOLD setting")
-        self.s3_part_size = _check_part_size(
-            get_setting("S3_PART_SIZE") if s3_part_size is None else s3_part_size,
-            "The RESTO_S3_PART_SIZE setting")
-        self.s3_parts_in_flight = _check_parts_in_flight(
-            get_setting("S3_PARTS_IN_FLIGHT") if s3_parts_in_flight is None
-            else s3_parts_in_flight, "The RESTO_S3_PARTS_IN_FLIGHT setting")
-        self._object_parameters = _check_object_parameters(
-            get_setting("OBJECT_PARAMETERS") if object_parameters is None
-            else object_parameters, "The RESTO_OBJECT_PARAMETERS setting")
+        self.s3_region = self._resolve("s3_region", s3_region)
+        self.s3_multipart_threshold = self._resolve("s3_multipart_threshold",
+                                                    s3_multipart_threshold)
+        self.s3_part_size = self._resolve("s3_part_size", s3_part_size)
+        self.s3_parts_in_flight = self._resolve("s3_parts_in_flight", s3_parts_in_flight)
+        self._object_parameters = self._resolve("object_parameters", object_parameters)
         parts = urlsplit(self.base_url or "/")
         self._default_scheme = parts.scheme or "http"
         # Encoded once: requests are written by hand, and a space or a control
@@ -2915,6 +2925,16 @@ class DefaultTransport:
         self._routes = {}
         # host entry -> its _HTTPHost or _S3Host: see _host().
         self._hosts = {}
+
+    def _resolve(self, keyword, value):
+        """Return ``value`` checked, or, when it is None, the checked value of its setting.
+
+        An error names where the bad value came from: the argument or the setting.
+        """
+        setting, default, check = _SETTINGS[keyword]
+        if value is None:
+            return check(getattr(settings, setting, default), "The %s setting" % setting)
+        return check(value, "The %r argument of %s" % (keyword, type(self).__name__))
 
     def __getstate__(self):
         # Pools hold sockets and locks: a copy finds its own routes (and hosts).
@@ -3179,17 +3199,17 @@ class DefaultTransport:
         asks again about every one (the server said one is missing after all).
         """
         for collection in collections:
-            if trust_cache and collection in _known_collections:
+            if trust_cache and collection in _process.known_collections:
                 continue
             status = self._request("MKCOL", collection, kind.entry).status
             if status not in (201, 405) and not self._is_collection(kind.entry, collection):
                 raise UnexpectedStatusCode("MKCOL", collection, kind.entry, status, (201, 405))
-            if len(_known_collections) >= _MAX_KNOWN_COLLECTIONS:
+            if len(_process.known_collections) >= _MAX_KNOWN_COLLECTIONS:
                 # Dated directories would make it grow for ever; forgetting
                 # costs one MKCOL (405) per directory used again.
-                _known_collections.clear()
-            _known_collections.add(collection)
-        _collection_hosts.add(kind.origin)
+                _process.known_collections.clear()
+            _process.known_collections.add(collection)
+        _process.collection_hosts.add(kind.origin)
 
     def _is_collection(self, host, url):
         """PROPFIND ``url`` (Depth 0): True when the host says it is a collection.
@@ -3467,32 +3487,6 @@ class HostResult(namedtuple("HostResult", "host value error")):
         return self.error is None
 
 
-# Threads used where sockets are not patched: enough for several concurrent
-# callers each fanning out to a dozen hosts.
-_MAX_THREADS = 64
-
-_executors_lock = threading.Lock()
-_executors = {}
-
-
-def _executor(purpose):
-    """Return this process's thread pool for ``purpose`` ("fan-out" or "async").
-
-    Separate pools keep background replication from delaying the hosts of a
-    synchronous save. A pool is rebuilt after fork(), whose child has none of
-    the parent's threads.
-    """
-    key = (purpose, os.getpid())
-    executor = _executors.get(key)
-    if executor is None:
-        with _executors_lock:
-            executor = _executors.get(key)
-            if executor is None:
-                executor = _DaemonThreads(_MAX_THREADS, "resto-%s" % purpose)
-                _executors[key] = executor
-    return executor
-
-
 class _DaemonThreads:
     """A pool of daemon threads returning futures.
 
@@ -3530,6 +3524,31 @@ class _DaemonThreads:
                 except BaseException as exc:
                     future.set_exception(exc)
             self._idle.release()
+
+
+# Threads used where sockets are not patched: enough for several concurrent
+# callers each fanning out to a dozen hosts.
+_MAX_THREADS = 64
+
+_executors_lock = threading.Lock()
+
+
+def _executor(purpose):
+    """Return this process's thread pool for ``purpose`` ("fan-out" or "async").
+
+    Separate pools keep background replication from delaying the hosts of a
+    synchronous save. A pool is rebuilt after fork(), whose child has none of
+    the parent's threads.
+    """
+    key = (purpose, os.getpid())
+    executors = _process.executors
+    executor = executors.get(key)
+    if executor is None:
+        with _executors_lock:
+            executor = executors.get(key)
+            if executor is None:
+                executor = executors[key] = _DaemonThreads(_MAX_THREADS, "resto-%s" % purpose)
+    return executor
 
 
 def _run_on_host(func, host, name, args):
@@ -3585,12 +3604,168 @@ def _run_bounded(func, items, concurrency):
 
 
 ###############################################################################
-# Storages
+# Background
 ###############################################################################
 
-# NUL, the other C0 controls and DEL: never part of a file name worth keeping.
-_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+# AsyncStorage's replications run here: one queue per storage and process,
+# ordered per (host, name), bounded, joined on demand and flushed at exit.
 
+
+
+def _is_done(handle):
+    """Tell whether a greenlet or future has finished."""
+    return handle.ready() if isinstance(handle, gevent.Greenlet) else handle.done()
+
+
+def _backgrounds_here():
+    """Return this process's background queues (not those inherited through fork())."""
+    pid = os.getpid()
+    return [background for background in list(_process.backgrounds) if background.pid == pid]
+
+
+def _pending_here():
+    """Return how many background operations of this process are pending."""
+    return sum(len(background.pending) for background in _backgrounds_here())
+
+
+def _join_backgrounds(timeout=None):
+    """Wait for every background queue of this process; True if nothing is left."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    done = True
+    for background in _backgrounds_here():
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done &= background.join(remaining)
+    return done
+
+
+def _flush_at_exit():
+    """Wait, up to RESTO_ASYNC_EXIT_TIMEOUT, for pending background replications."""
+    pending = _pending_here()
+    if not pending:
+        return
+    timeout = _check_timeout(get_setting("ASYNC_EXIT_TIMEOUT"),
+                             "The RESTO_ASYNC_EXIT_TIMEOUT setting")
+    logger.info("Flushing %d pending replications before exit.", pending)
+    if not _join_backgrounds(timeout):
+        left = _pending_here()
+        logger.error(
+            "%d replications were still pending after %s seconds at exit "
+            "(RESTO_ASYNC_EXIT_TIMEOUT) and are abandoned; repair the hosts "
+            "from the master copy with python -m django_resto_gevent sync.", left, timeout,
+        )
+
+
+def _register_exit_flush():
+    """Flush background replications at interpreter exit (registered once)."""
+    if not _process.exit_flush_registered:
+        _process.exit_flush_registered = True
+        atexit.register(_flush_at_exit)
+
+
+class _Background:
+    """The pending host operations of one AsyncStorage.
+
+    Each operation runs after the previous one on the same (host, name), so
+    a save then a delete never end with the file present. A semaphore caps
+    how many wait at once.
+    """
+
+    def __init__(self, storage):
+        self.pid = os.getpid()
+        self.storage_name = type(storage).__name__
+        self.patched = _sockets_patched()
+        self.max_pending = storage.async_max_pending
+        # Waiting longer than one host operation may take means none ends.
+        self.room_wait = storage.timeout * (1 + storage.retries) + 1
+        self.room = threading.BoundedSemaphore(self.max_pending)
+        self.lock = threading.RLock()
+        self.last = {}  # (host, name) -> the latest handle for it
+        self.pending = set()
+        _process.backgrounds.add(self)
+        _register_exit_flush()
+
+    def submit(self, key, task):
+        """Run ``task`` after the pending one for ``key``; wait for room first."""
+        if not self.room.acquire(timeout=self.room_wait):
+            raise BacklogError(self.storage_name, self.max_pending, self.room_wait)
+        with self.lock:
+            previous = self.last.get(key)
+            if self.patched:
+                handle = gevent.Greenlet(self._run, previous, task)
+                handle.link(lambda done: self._finished(key, done))
+                handle.start()
+            else:
+                handle = _executor("async").submit(self._run, previous, task)
+                handle.add_done_callback(lambda done: self._finished(key, done))
+            if not _is_done(handle):
+                self.pending.add(handle)
+                self.last[key] = handle
+        return handle
+
+    @staticmethod
+    def _run(previous, task):
+        """Wait for the previous operation on the same host and name, then run."""
+        if previous is not None:
+            # Each operation is bounded in time, so this wait is too.
+            if isinstance(previous, gevent.Greenlet):
+                previous.join()
+            else:
+                concurrent.futures.wait([previous])
+        return task()
+
+    def _finished(self, key, handle):
+        """Forget a finished operation and free its room."""
+        with self.lock:
+            self.pending.discard(handle)
+            if self.last.get(key) is handle:
+                del self.last[key]
+        self.room.release()
+
+    def join(self, timeout=None):
+        """Wait until nothing is pending; return False if ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.lock:
+                batch = list(self.pending)
+            if not batch:
+                return True
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            greenlets = [item for item in batch if isinstance(item, gevent.Greenlet)]
+            futures = [item for item in batch if not isinstance(item, gevent.Greenlet)]
+            if greenlets:
+                gevent.joinall(greenlets, timeout=remaining)
+            if futures:
+                concurrent.futures.wait(futures, timeout=remaining)
+            with self.lock:
+                # Finished items leave through their callbacks; drop them here
+                # too in case a callback has not run yet, so the loop ends.
+                for item in batch:
+                    if _is_done(item):
+                        self.pending.discard(item)
+
+
+class _BackgroundTask:
+    """One background host operation of an AsyncStorage; logs its failure."""
+
+    def __init__(self, storage, func, host, name, args, action):
+        self.storage = storage
+        self.func = func
+        self.host = host
+        self.name = name
+        self.args = args
+        self.action = action
+
+    def __call__(self):
+        result = _run_on_host(self.func, self.host, self.name, self.args)
+        self.storage._report(self.action, self.name, [result])
+        return result
+
+
+###############################################################################
+# Storages
+###############################################################################
 
 def _check_name(name):
     """Return ``name`` as a string (a pathlib path is converted), or refuse one
@@ -3746,7 +3921,7 @@ class _ReplicationMixin:
 
     def _checked(self):
         """Return what was checked for the current settings: options, transport, configuration."""
-        generation = _settings_state["generation"]
+        generation = _process.settings_generation
         cached = self.__dict__.get("_checked_cache")
         if cached is None or cached[0] != generation:
             cached = self._checked_cache = (generation, {})
@@ -3754,14 +3929,14 @@ class _ReplicationMixin:
 
     def _check_option(self, keyword):
         """Read ``keyword`` from the constructor's keywords, else from settings, and check it."""
-        setting, default = _SETTINGS[keyword]
+        setting, default, check = _SETTINGS[keyword]
         value = self._resto_options.get(keyword)
         if value is None:
             value = getattr(settings, setting, default)
             source = "The %s setting" % setting
         else:
             source = "The %r option of %s" % (keyword, type(self).__name__)
-        return _CHECKS[keyword](value, source)
+        return check(value, source)
 
     @property
     def hosts(self):
@@ -4134,16 +4309,9 @@ class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
         """Wait for the pending replications of every AsyncStorage of this process.
 
         Call it from gunicorn's ``worker_exit`` hook. Returns True if none is
-        left.
+        left. Queues inherited through fork() belong to the parent.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        done = True
-        for background in list(_backgrounds):
-            if background.pid != os.getpid():
-                continue  # inherited through fork(): its work belongs to the parent
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done &= background.join(remaining)
-        return done
+        return _join_backgrounds(timeout)
 
     def _background(self):
         """Return this storage's background queue, made on first use."""
@@ -4157,145 +4325,6 @@ class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
         state = super().__getstate__()
         state.pop("_background_queue", None)
         return state
-
-
-# The background queues of this process, flushed at exit.
-_backgrounds = weakref.WeakSet()
-
-
-class _Background:
-    """The pending host operations of one AsyncStorage.
-
-    Each operation runs after the previous one on the same (host, name), so
-    a save then a delete never end with the file present. A semaphore caps
-    how many wait at once.
-    """
-
-    def __init__(self, storage):
-        self.pid = os.getpid()
-        self.storage_name = type(storage).__name__
-        self.patched = _sockets_patched()
-        self.max_pending = storage.async_max_pending
-        # Waiting longer than one host operation may take means none ends.
-        self.room_wait = storage.timeout * (1 + storage.retries) + 1
-        self.room = threading.BoundedSemaphore(self.max_pending)
-        self.lock = threading.RLock()
-        self.last = {}  # (host, name) -> the latest handle for it
-        self.pending = set()
-        _backgrounds.add(self)
-        _register_exit_flush()
-
-    def submit(self, key, task):
-        """Run ``task`` after the pending one for ``key``; wait for room first."""
-        if not self.room.acquire(timeout=self.room_wait):
-            raise BacklogError(self.storage_name, self.max_pending, self.room_wait)
-        with self.lock:
-            previous = self.last.get(key)
-            if self.patched:
-                handle = gevent.Greenlet(self._run, previous, task)
-                handle.link(lambda done: self._finished(key, done))
-                handle.start()
-            else:
-                handle = _executor("async").submit(self._run, previous, task)
-                handle.add_done_callback(lambda done: self._finished(key, done))
-            if not _is_done(handle):
-                self.pending.add(handle)
-                self.last[key] = handle
-        return handle
-
-    @staticmethod
-    def _run(previous, task):
-        """Wait for the previous operation on the same host and name, then run."""
-        if previous is not None:
-            # Each operation is bounded in time, so this wait is too.
-            if isinstance(previous, gevent.Greenlet):
-                previous.join()
-            else:
-                concurrent.futures.wait([previous])
-        return task()
-
-    def _finished(self, key, handle):
-        """Forget a finished operation and free its room."""
-        with self.lock:
-            self.pending.discard(handle)
-            if self.last.get(key) is handle:
-                del self.last[key]
-        self.room.release()
-
-    def join(self, timeout=None):
-        """Wait until nothing is pending; return False if ``timeout`` ran out first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self.lock:
-                batch = list(self.pending)
-            if not batch:
-                return True
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            greenlets = [item for item in batch if isinstance(item, gevent.Greenlet)]
-            futures = [item for item in batch if not isinstance(item, gevent.Greenlet)]
-            if greenlets:
-                gevent.joinall(greenlets, timeout=remaining)
-            if futures:
-                concurrent.futures.wait(futures, timeout=remaining)
-            with self.lock:
-                # Finished items leave through their callbacks; drop them here
-                # too in case a callback has not run yet, so the loop ends.
-                for item in batch:
-                    if _is_done(item):
-                        self.pending.discard(item)
-
-
-def _is_done(handle):
-    """Tell whether a greenlet or future has finished."""
-    return handle.ready() if isinstance(handle, gevent.Greenlet) else handle.done()
-
-
-_exit_flush_registered = []
-
-
-def _register_exit_flush():
-    """Flush background replications at interpreter exit (registered once)."""
-    if not _exit_flush_registered:
-        _exit_flush_registered.append(True)
-        atexit.register(_flush_at_exit)
-
-
-def _flush_at_exit():
-    """Wait, up to RESTO_ASYNC_EXIT_TIMEOUT, for pending background replications."""
-    pending = sum(len(background.pending) for background in list(_backgrounds)
-                  if background.pid == os.getpid())
-    if not pending:
-        return
-    timeout = _check_timeout(get_setting("ASYNC_EXIT_TIMEOUT"),
-                             "The RESTO_ASYNC_EXIT_TIMEOUT setting")
-    logger.info("Flushing %d pending replications before exit.", pending)
-    if not AsyncStorage.join_all(timeout):
-        left = sum(len(background.pending) for background in list(_backgrounds)
-                   if background.pid == os.getpid())
-        logger.error(
-            "%d replications were still pending after %s seconds at exit "
-            "(RESTO_ASYNC_EXIT_TIMEOUT) and are abandoned; repair the hosts "
-            "from the master copy with python -m django_resto_gevent sync.", left, timeout,
-        )
-
-
-class _BackgroundTask:
-    """One background host operation of an AsyncStorage; logs its failure."""
-
-    def __init__(self, storage, func, host, name, args, action):
-        self.storage = storage
-        self.func = func
-        self.host = host
-        self.name = name
-        self.args = args
-        self.action = action
-
-    def __call__(self):
-        result = _run_on_host(self.func, self.host, self.name, self.args)
-        self.storage._report(self.action, self.name, [result])
-        return result
 
 
 # Names DistributedStorage.get_available_name() may try before it gives up,
@@ -4540,6 +4569,46 @@ class DistributedStorage(_ReplicationMixin, Storage):
 ###############################################################################
 
 
+def _multistatus(resources):
+    """Return the 207 body that describes ``resources`` (path, is_dir, size, mtime)."""
+    parts = ['<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus xmlns:D="DAV:">\n']
+    for path, is_dir, size, mtime in resources:
+        props = ["<D:resourcetype>%s</D:resourcetype>" % ("<D:collection/>" if is_dir else "")]
+        if size is not None:
+            props.append("<D:getcontentlength>%d</D:getcontentlength>" % size)
+        if mtime is not None:
+            props.append("<D:getlastmodified>%s</D:getlastmodified>"
+                         % email.utils.formatdate(mtime, usegmt=True))
+        parts.append("<D:response><D:href>%s</D:href><D:propstat><D:prop>%s</D:prop>"
+                     "<D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response>\n"
+                     % (quote(path).replace("&", "&amp;"), "".join(props)))
+    parts.append("</D:multistatus>\n")
+    return "".join(parts).encode("utf-8")
+
+
+class _MediaRequestHandler(gevent.pywsgi.WSGIHandler):
+    """gevent's WSGI handler, handing the connection's socket to the application."""
+
+    def get_environ(self):
+        environ = super().get_environ()
+        environ["resto.socket"] = self.socket  # for the reset_after knob
+        return environ
+
+
+def _reset(sock):
+    """Close ``sock`` with a TCP reset rather than an orderly shutdown."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+_REASONS = {
+    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 207: "Multi-Status",
+    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    409: "Conflict", 410: "Gone", 500: "Internal Server Error", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout",
+}
+
+
 class MediaServer:
     """An HTTP media server for tests: GET, HEAD, PUT and DELETE, in process.
 
@@ -4644,10 +4713,21 @@ class MediaServer:
             raise failure[0]
         return self
 
-    def serve_forever(self):
-        """Serve in the current thread until stop() (for the command line)."""
+    def serve_forever(self, ready=None):
+        """Serve in the current thread until stop(), SIGINT or SIGTERM (the command line).
+
+        ``ready``, if given, is called once the port is bound (to say where).
+        """
         self._bind()
-        self._server.serve_forever()
+        handlers = [gevent.signal_handler(signum, self._server.stop)
+                    for signum in (signal.SIGINT, signal.SIGTERM)]
+        try:
+            if ready is not None:
+                ready()
+            self._server.serve_forever()
+        finally:
+            for handler in handlers:
+                handler.cancel()
 
     def stop(self):
         """Stop serving and close the port."""
@@ -4883,46 +4963,6 @@ class MediaServer:
             return 204, b""
         with open(target, "rb") as stored:
             return 200, stored.read()
-
-
-def _multistatus(resources):
-    """Return the 207 body that describes ``resources`` (path, is_dir, size, mtime)."""
-    parts = ['<?xml version="1.0" encoding="utf-8"?>\n<D:multistatus xmlns:D="DAV:">\n']
-    for path, is_dir, size, mtime in resources:
-        props = ["<D:resourcetype>%s</D:resourcetype>" % ("<D:collection/>" if is_dir else "")]
-        if size is not None:
-            props.append("<D:getcontentlength>%d</D:getcontentlength>" % size)
-        if mtime is not None:
-            props.append("<D:getlastmodified>%s</D:getlastmodified>"
-                         % email.utils.formatdate(mtime, usegmt=True))
-        parts.append("<D:response><D:href>%s</D:href><D:propstat><D:prop>%s</D:prop>"
-                     "<D:status>HTTP/1.1 200 OK</D:status></D:propstat></D:response>\n"
-                     % (quote(path).replace("&", "&amp;"), "".join(props)))
-    parts.append("</D:multistatus>\n")
-    return "".join(parts).encode("utf-8")
-
-
-class _MediaRequestHandler(gevent.pywsgi.WSGIHandler):
-    """gevent's WSGI handler, handing the connection's socket to the application."""
-
-    def get_environ(self):
-        environ = super().get_environ()
-        environ["resto.socket"] = self.socket  # for the reset_after knob
-        return environ
-
-
-def _reset(sock):
-    """Close ``sock`` with a TCP reset rather than an orderly shutdown."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-_REASONS = {
-    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 207: "Multi-Status",
-    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-    409: "Conflict", 410: "Gone", 500: "Internal Server Error", 502: "Bad Gateway",
-    503: "Service Unavailable", 504: "Gateway Timeout",
-}
 
 
 ###############################################################################
@@ -5779,52 +5819,6 @@ def _sync_command(args):
     return _MasterSync(storage, hosts, prefix, args, sys.stdout, sys.stderr).run()
 
 
-# The probe that check writes: small, and its name says who left it there.
-_CHECK_DIRECTORY = ".resto-check"
-
-
-def _check_command(args):
-    """Probe every media host with a small file; report status and latency."""
-    storage = _load_storage(args)
-    hosts = _selected_hosts(storage, args.hosts)
-    transport = storage.transport
-    name = "%s/%d-%s.txt" % (_CHECK_DIRECTORY, os.getpid(), os.urandom(6).hex())
-    data = b"django-resto-gevent check " + os.urandom(16).hex().encode() + b"\n"
-    steps = [
-        ("PUT", lambda host: transport.put(host, name, data)),
-        ("HEAD", lambda host: _expect(transport.size(host, name), len(data), "size")),
-        ("GET", lambda host: _expect(transport.content(host, name), data, "content")),
-    ]
-    reports = [result.value for result in _fan_out(
-        lambda host, _name: _probe(host, steps), hosts, name)]
-    public = _check_public_url(storage, transport, name, data)
-    written = {host: report for host, report in zip(hosts, reports, strict=True)
-               if report.get("PUT") is not None}
-    if written:
-        for result in _fan_out(_timed(transport.delete), list(written), name):
-            report = written[result.host]
-            report["DELETE"] = result.value if result.ok else None
-            if not result.ok and report["error"] is None:
-                report["error"] = result.error
-    width = max([len("host")] + [len(host) for host in hosts])
-    out = sys.stdout
-    out.write("%-*s  %9s %9s %9s %9s  %s\n" % (width, "host", "PUT", "HEAD", "GET", "DELETE",
-                                              "result"))
-    usable = True
-    for host, report in zip(hosts, reports, strict=True):
-        times = ["%7.1fms" % (report[step] * 1000) if report.get(step) is not None else "-"
-                 for step in ("PUT", "HEAD", "GET", "DELETE")]
-        error = report["error"]
-        usable &= error is None
-        out.write("%-*s  %9s %9s %9s %9s  %s\n" % (width, host, *times,
-                                                   "ok" if error is None
-                                                   else "FAILED: " + _explain(error)))
-    out.write("public URL %s: %s\n" % (storage.url(name), public))
-    out.write("%s\n" % ("Every media host is usable." if usable
-                        else "Some media hosts are unusable: see FAILED above."))
-    return 0 if usable else 1
-
-
 def _timed(func):
     """Wrap ``func(host, name)`` to return the seconds it took."""
     def timed(host, name):
@@ -5842,13 +5836,13 @@ def _expect(value, expected, what):
                             expected if what == "size" else expected[:40]))
 
 
-def _probe(host, steps):
-    """Run the check's steps on ``host`` in order, timing each, until one fails."""
+def _probe(host, name, steps):
+    """Run the check's steps on ``name`` on ``host`` in order, timing each, until one fails."""
     report = {"error": None}
     for step, func in steps:
         started = time.perf_counter()
         try:
-            func(host)
+            func(host, name)
         except Exception as error:
             report[step] = None
             report["error"] = error
@@ -5897,6 +5891,51 @@ def _check_public_url(storage, transport, name, data):
     return "ok" if answer.data == data else "served different bytes"
 
 
+# The probe that check writes: small, and its name says who left it there.
+_CHECK_DIRECTORY = ".resto-check"
+
+
+def _check_command(args):
+    """Probe every media host with a small file; report status and latency."""
+    storage = _load_storage(args)
+    hosts = _selected_hosts(storage, args.hosts)
+    transport = storage.transport
+    name = "%s/%d-%s.txt" % (_CHECK_DIRECTORY, os.getpid(), os.urandom(6).hex())
+    data = b"django-resto-gevent check " + os.urandom(16).hex().encode() + b"\n"
+    steps = [
+        ("PUT", lambda host, name: transport.put(host, name, data)),
+        ("HEAD", lambda host, name: _expect(transport.size(host, name), len(data), "size")),
+        ("GET", lambda host, name: _expect(transport.content(host, name), data, "content")),
+    ]
+    reports = [result.value for result in _fan_out(_probe, hosts, name, steps)]
+    public = _check_public_url(storage, transport, name, data)
+    written = {host: report for host, report in zip(hosts, reports, strict=True)
+               if report.get("PUT") is not None}
+    if written:
+        for result in _fan_out(_timed(transport.delete), list(written), name):
+            report = written[result.host]
+            report["DELETE"] = result.value if result.ok else None
+            if not result.ok and report["error"] is None:
+                report["error"] = result.error
+    width = max([len("host")] + [len(host) for host in hosts])
+    out = sys.stdout
+    out.write("%-*s  %9s %9s %9s %9s  %s\n" % (width, "host", "PUT", "HEAD", "GET", "DELETE",
+                                              "result"))
+    usable = True
+    for host, report in zip(hosts, reports, strict=True):
+        times = ["%7.1fms" % (report[step] * 1000) if report.get(step) is not None else "-"
+                 for step in ("PUT", "HEAD", "GET", "DELETE")]
+        error = report["error"]
+        usable &= error is None
+        out.write("%-*s  %9s %9s %9s %9s  %s\n" % (width, host, *times,
+                                                   "ok" if error is None
+                                                   else "FAILED: " + _explain(error)))
+    out.write("public URL %s: %s\n" % (storage.url(name), public))
+    out.write("%s\n" % ("Every media host is usable." if usable
+                        else "Some media hosts are unusable: see FAILED above."))
+    return 0 if usable else 1
+
+
 def _serve(args):
     """Run one MediaServer until SIGINT or SIGTERM."""
     if args.root:
@@ -5905,12 +5944,16 @@ def _serve(args):
                          read_only=args.read_only, status=args.status, latency=args.latency,
                          fail_first=args.fail_first, hang=args.hang, trickle=args.trickle,
                          reset_after=args.reset_after)
-    server._bind()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        gevent.signal_handler(signum, server._server.stop)
-    print("Serving %s on %s/" % (args.root or "memory", server.url), flush=True)
-    server._server.serve_forever()
+    server.serve_forever(
+        lambda: print("Serving %s on %s/" % (args.root or "memory", server.url), flush=True))
     return 0
+
+
+def _demo_line(storage, verb, name, size, done_on, host_count, started):
+    """Print one line of the demo's report: on how many of the hosts it was done."""
+    print("%-18s %-7s %-22s %8d bytes  %d/%d hosts  %7.1f ms" % (
+        type(storage).__name__, verb, name, size, done_on, host_count,
+        (time.perf_counter() - started) * 1000))
 
 
 def _demo(args):
@@ -5943,7 +5986,8 @@ def _demo(args):
                         storage.join(timeout=30)
                     copies = sum(s.files.get("/media/" + saved) == data for s in servers)
                     complete &= copies == len(servers)
-                    _demo_line(storage, "saved", saved, len(data), copies, started)
+                    _demo_line(storage, "saved", saved, len(data), copies, len(servers),
+                               started)
                 name = next(iter(files))
                 started = time.perf_counter()
                 storage.delete(name)
@@ -5951,7 +5995,7 @@ def _demo(args):
                     storage.join(timeout=30)
                 gone = sum("/media/" + name not in s.files for s in servers)
                 complete &= gone == len(servers)
-                _demo_line(storage, "deleted", name, 0, gone, started)
+                _demo_line(storage, "deleted", name, 0, gone, len(servers), started)
                 for server in servers:
                     server.files.clear()
             for server in servers:
@@ -5969,13 +6013,6 @@ def _demo(args):
         return 1
     print("Demo finished: every change reached every host.")
     return 0
-
-
-def _demo_line(storage, verb, name, size, hosts, started):
-    """Print one line of the demo's report."""
-    print("%-18s %-7s %-22s %8d bytes  %d/3 hosts  %7.1f ms" % (
-        type(storage).__name__, verb, name, size, hosts,
-        (time.perf_counter() - started) * 1000))
 
 
 def main(argv=None):

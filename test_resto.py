@@ -59,6 +59,7 @@ from conftest import (
     FaultProxy,
     RawAnswer,
     make_storage,
+    missing,
     settle,
     start_nginx,
 )
@@ -1815,7 +1816,7 @@ def test_webdav_memory_of_collections_is_bounded(media_servers, tmp_path, monkey
     storage = HybridStorage(location=str(tmp_path), hosts=[server.address])
     for day in range(1, 6):
         storage.save("2026/11/%02d/photo.jpg" % day, ContentFile(b"%d" % day))
-        assert len(django_resto_gevent._known_collections) <= 3
+        assert len(django_resto_gevent._process.known_collections) <= 3
     assert len(server.files) == 5
 
 
@@ -1823,8 +1824,8 @@ def test_webdav_host_replaced_behind_a_known_address(media_servers):
     # The address once needed collections; the server now there wants none
     # and refuses MKCOL below a collection it never made.
     server, = media_servers(1)
-    django_resto_gevent._collection_hosts.add(server.url)
-    django_resto_gevent._known_collections.add(server.url + "/media/")
+    django_resto_gevent._process.collection_hosts.add(server.url)
+    django_resto_gevent._process.known_collections.add(server.url + "/media/")
     storage = DistributedStorage(hosts=[server.address])
     assert storage.save("d/x.txt", ContentFile(b"x")) == "d/x.txt"
     assert server.files == {"/media/d/x.txt": b"x"}
@@ -1978,8 +1979,7 @@ def test_webdav_servers_concurrent_saves_into_new_directories(webdav_hosts):
     storage = DistributedStorage(hosts=[host])
     written = {}
     for round_number in range(10):
-        django_resto_gevent._known_collections.clear()
-        django_resto_gevent._collection_hosts.clear()
+        django_resto_gevent._process.reset()
         names = ["round%d/pair%d/%d.txt" % (round_number, index // 2, index)
                  for index in range(20)]
         saves = [gevent.spawn(storage.save, name, ContentFile(name.encode() * 50))
@@ -2164,8 +2164,7 @@ def test_nginx_https_wrong_password_names_the_host(nginx_https, certificates, tm
     assert not os.path.exists(nginx_https.path(0, "denied.txt"))
 
 
-def test_nginx_https_unverified_warns_once(nginx_https, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(django_resto_gevent, "_insecure_warned", [])
+def test_nginx_https_unverified_warns_once(nginx_https, tmp_path, caplog):
     with override_settings(RESTO_TLS_VERIFY=False,
                            RESTO_HTTP_AUTH=(NGINX_USER, NGINX_PASSWORD)):
         storage = DistributedStorage(hosts=nginx_https.hosts)
@@ -4195,7 +4194,7 @@ def worker_exit(server, worker):
     import django_resto_gevent
     from django_resto_gevent import AsyncStorage
 
-    pending = sum(len(b.pending) for b in list(django_resto_gevent._backgrounds))
+    pending = django_resto_gevent._pending_here()
     print("worker_exit pending=%d" % pending, file=sys.stderr, flush=True)
     AsyncStorage.join_all(timeout=30)
 '''
@@ -4218,9 +4217,7 @@ def gunicorn_site(tmp_path, config, hosts, *options, **env):
     """
     gunicorn = find_gunicorn()
     if gunicorn is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI=true but gunicorn is not installed (pip install -e .[test])")
-        pytest.skip("gunicorn is not installed")
+        missing("gunicorn is not installed (pip install -e .[test])")
     (tmp_path / "e2e_site.py").write_text(GUNICORN_SITE)
     (tmp_path / "e2e_gunicorn.py").write_text(config)
     with socket.socket() as probe:

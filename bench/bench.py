@@ -64,10 +64,9 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.queue  # noqa: E402
-import gevent.server  # noqa: E402
 
 import conftest  # noqa: E402
-from conftest import Certificates, NginxHosts, find_nginx  # noqa: E402
+from conftest import Certificates, LoopbackServer, NginxHosts, find_nginx  # noqa: E402
 
 WORKER = os.path.join(HERE, "worker.py")
 RESULTS = os.path.join(HERE, "results")
@@ -228,7 +227,7 @@ def original_python():
     raise RuntimeError("django-resto 1.3 imports in none of the candidates: see %s" % log)
 
 
-class LatencyProxy:
+class LatencyProxy(LoopbackServer):
     """Forward TCP to a loopback port, each chunk ``delay`` seconds late in each direction.
 
     Unlike conftest.DelayProxy, chunks are not serialised: one that arrives
@@ -239,24 +238,14 @@ class LatencyProxy:
     """
 
     def __init__(self, port, delay):
+        super().__init__()
         self.port = port
         self.delay = delay
-        self.server = gevent.server.StreamServer(("127.0.0.1", 0), self._handle)
         self.greenlets = set()
-
-    @property
-    def address(self):
-        """The ``"127.0.0.1:port"`` host entry in front of the target."""
-        return "127.0.0.1:%d" % self.server.server_port
-
-    def start(self):
-        """Start accepting; return self."""
-        self.server.start()
-        return self
 
     def stop(self):
         """Stop accepting and end every connection."""
-        self.server.stop(timeout=1)
+        super().stop()
         gevent.killall(list(self.greenlets), timeout=2)
 
     def _handle(self, client, _address):
@@ -700,7 +689,7 @@ def main():
             tls.stop()
         shutil.rmtree(scratch, ignore_errors=True)
         # conftest made an empty MEDIA_ROOT for its tests on import.
-        shutil.rmtree(conftest._SETTINGS["MEDIA_ROOT"], ignore_errors=True)
+        shutil.rmtree(conftest.TEST_DJANGO_SETTINGS["MEDIA_ROOT"], ignore_errors=True)
     minutes = (time.monotonic() - started) / 60
     print("Machine: %s" % description)
     print("Date: %s; run time %.1f min; %d repetitions (%s); original in %s" % (

@@ -271,7 +271,7 @@ def main():
         rss_rows = rss_section(scratch) if "rss" in sections else None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(conftest._SETTINGS["MEDIA_ROOT"], ignore_errors=True)
+        shutil.rmtree(conftest.TEST_DJANGO_SETTINGS["MEDIA_ROOT"], ignore_errors=True)
     with open("/proc/cpuinfo") as cpuinfo:
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
                     if line.startswith("model name")), "unknown CPU")
