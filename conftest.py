@@ -57,6 +57,20 @@ if not settings.configured:
     django.setup()
 
 
+# A Django settings module for a storage over ``hosts`` with its master copy
+# at ``root`` (the command line's tests and bench/sync_bench.py write it).
+SETTINGS_MODULE_TEMPLATE = """
+MEDIA_ROOT = {root!r}
+MEDIA_URL = "/media/"
+USE_TZ = True
+RESTO_MEDIA_HOSTS = {hosts!r}
+STORAGES = {{
+    "default": {{"BACKEND": "django_resto_gevent.HybridStorage"}},
+    "staticfiles": {{"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}},
+}}
+"""
+
+
 def pytest_unconfigure(config):
     """Remove the MEDIA_ROOT made for the test settings when the session ends."""
     shutil.rmtree(TEST_DJANGO_SETTINGS["MEDIA_ROOT"], ignore_errors=True)

@@ -3883,6 +3883,24 @@ def _check_name_length(name, max_length):
     return name
 
 
+class _Checked:
+    """What a storage checked and built for one generation of the settings.
+
+    ``options``: keyword -> checked value, filled as they are asked for;
+    ``transport``: the transport built from them; ``configuration``: True
+    once the whole configuration was checked (before the first save). A
+    setting_changed starts a new generation, so all of it is redone.
+    """
+
+    __slots__ = ("generation", "options", "transport", "configuration")
+
+    def __init__(self, generation):
+        self.generation = generation
+        self.options = {}
+        self.transport = None
+        self.configuration = False
+
+
 class _ReplicationMixin:
     """What the three storages share: options, hosts, fan-out and outcome."""
 
@@ -3912,20 +3930,19 @@ class _ReplicationMixin:
 
     def _option(self, keyword):
         """Return the checked value of ``keyword``: constructor keyword, else setting."""
-        checked = self._checked()
+        options = self._checked().options
         try:
-            return checked[keyword]
+            return options[keyword]
         except KeyError:
-            value = checked[keyword] = self._check_option(keyword)
+            value = options[keyword] = self._check_option(keyword)
             return value
 
     def _checked(self):
-        """Return what was checked for the current settings: options, transport, configuration."""
-        generation = _process.settings_generation
-        cached = self.__dict__.get("_checked_cache")
-        if cached is None or cached[0] != generation:
-            cached = self._checked_cache = (generation, {})
-        return cached[1]
+        """Return what was checked and built for the current settings (a _Checked)."""
+        checked = self.__dict__.get("_checked_cache")
+        if checked is None or checked.generation != _process.settings_generation:
+            checked = self._checked_cache = _Checked(_process.settings_generation)
+        return checked
 
     def _check_option(self, keyword):
         """Read ``keyword`` from the constructor's keywords, else from settings, and check it."""
@@ -3972,6 +3989,10 @@ class _ReplicationMixin:
 
         Defaults to every host with RESTO_FATAL_EXCEPTIONS, else to 0.
         """
+        return self._check_min_replicas()
+
+    def _check_min_replicas(self):
+        """Return min_replicas, refusing one above the number of hosts."""
         value = self._option("min_replicas")
         host_count = len(self.hosts)
         if value is None:
@@ -3992,10 +4013,9 @@ class _ReplicationMixin:
     def transport(self):
         """The transport for the current settings (kept until a setting changes)."""
         checked = self._checked()
-        transport = checked.get("transport")
-        if transport is None:
-            transport = checked["transport"] = self._make_transport()
-        return transport
+        if checked.transport is None:
+            checked.transport = self._make_transport()
+        return checked.transport
 
     def _make_transport(self):
         """Build a transport from the current options; connections are pooled per process."""
@@ -4089,9 +4109,9 @@ class _ReplicationMixin:
             name = getattr(content, "name", None)
         name = _check_name(name)
         checked = self._checked()
-        if "configuration" not in checked:
+        if not checked.configuration:
             self._check_configuration()
-            checked["configuration"] = True
+            checked.configuration = True
         # The headers of a callable RESTO_OBJECT_PARAMETERS, before even a
         # HEAD asks whether the name is free (_save() asks again for the
         # name it gets).
@@ -4102,7 +4122,7 @@ class _ReplicationMixin:
         """Refuse a bad configuration before anything is written anywhere."""
         for keyword in _SETTINGS:
             self._option(keyword)
-        self.min_replicas  # noqa: B018 (checks it against the number of hosts)
+        self._check_min_replicas()
         s3_hosts = [host for host in self.hosts if _parse_host(host, "http").bucket is not None]
         if s3_hosts and not (self._option("s3_access_key_id")
                              and self._option("s3_secret_access_key")):

@@ -54,6 +54,7 @@ import django_resto_gevent
 from conftest import (
     NGINX_PASSWORD,
     NGINX_USER,
+    SETTINGS_MODULE_TEMPLATE,
     STORAGE_CLASSES,
     DelayProxy,
     FaultProxy,
@@ -1528,7 +1529,6 @@ def test_hybrid_save_that_fails_its_quorum_leaves_nothing_behind(media_servers, 
     assert os.path.exists(os.path.join(storage.location, "stays.txt"))
 
 
-
 ###############################################################################
 # Storages against real nginx media hosts
 ###############################################################################
@@ -1762,7 +1762,6 @@ def test_contract_overwrites_truncate_on_every_host(storage_class, nginx_hosts, 
     _assert_gone_from_nginx(nginx_hosts, "o/over.bin")
     assert resto_records(caplog, logging.WARNING) == []
     assert resto_records(caplog) == []
-
 
 
 ###############################################################################
@@ -2583,22 +2582,10 @@ def test_sync_shows_progress_only_after_the_first_second(media_servers, tmp_path
     assert progress.endswith("\n")
 
 
-SETTINGS_MODULE = """
-MEDIA_ROOT = {root!r}
-MEDIA_URL = "/media/"
-USE_TZ = True
-RESTO_MEDIA_HOSTS = {hosts!r}
-STORAGES = {{
-    "default": {{"BACKEND": "django_resto_gevent.HybridStorage"}},
-    "staticfiles": {{"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}},
-}}
-"""
-
-
 def run_command(tmp_path, hosts, *argv):
     """Run ``python -m django_resto_gevent`` (never patched) with a settings module."""
     (tmp_path / "resto_cli_settings.py").write_text(
-        SETTINGS_MODULE.format(root=str(tmp_path / "master"), hosts=list(hosts)))
+        SETTINGS_MODULE_TEMPLATE.format(root=str(tmp_path / "master"), hosts=list(hosts)))
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), HERE]))
     return subprocess.run(
         [sys.executable, "-m", "django_resto_gevent", *argv, "--settings",
@@ -4474,7 +4461,14 @@ def test_sync_finds_and_repairs_every_divergence(sync_host, tmp_path, capsys, ca
             host.age(name, -5)  # written after the master, as saves do
         host.age("corrupt.txt", -5)
     else:
-        # The host's copy is as old as can be made: the master file is a
+        # The host's copies cannot be aged: the master's are, an hour back,
+        # as if written before the host's (a host keeps whole seconds, so a
+        # copy made in the second after its master file could otherwise look
+        # a second older than it: stale).
+        past = time.time() - 3600
+        for name in [*SYNC_KEPT, "corrupt.txt", "size.txt"]:
+            os.utime(master / name, (past, past))
+        # The stale copy is as old as can be made: the master file is a
         # second newer (hosts keep whole seconds), then the clock passes it.
         newer = time.time() + 1
         os.utime(master / "stale.txt", (newer, newer))

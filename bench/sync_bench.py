@@ -46,22 +46,18 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import conftest  # noqa: E402
-from conftest import ApacheHosts, NginxHosts, find_nginx, find_program  # noqa: E402
+from conftest import (  # noqa: E402
+    SETTINGS_MODULE_TEMPLATE,
+    ApacheHosts,
+    NginxHosts,
+    find_nginx,
+    find_program,
+)
 
 RESULTS = os.path.join(HERE, "results")
 RCLONE_VERSION = "1.75.2"
 RCLONE_FLAGS = ["--transfers", "16", "--checkers", "16", "--webdav-pacer-min-sleep", "0"]
 
-SETTINGS = """
-MEDIA_ROOT = {root!r}
-MEDIA_URL = "/media/"
-USE_TZ = True
-RESTO_MEDIA_HOSTS = {hosts!r}
-STORAGES = {{
-    "default": {{"BACKEND": "django_resto_gevent.HybridStorage"}},
-    "staticfiles": {{"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}},
-}}
-"""
 
 # Run in the sync process for the "rss" section: RSS before, peak after.
 RSS_DRIVER = """
@@ -113,7 +109,7 @@ def make_tree(root, directories, per_directory, rng, sizes=(1024, 4096)):
 def write_settings(scratch, root, hosts):
     """Write the settings module the sync processes load."""
     with open(os.path.join(scratch, "bench_sync_settings.py"), "w") as output:
-        output.write(SETTINGS.format(root=root, hosts=hosts))
+        output.write(SETTINGS_MODULE_TEMPLATE.format(root=root, hosts=hosts))
 
 
 def run_timed(command, scratch, ok_codes=(0,)):
