@@ -4381,13 +4381,21 @@ class DistributedStorage(_ReplicationMixin, Storage):
             options["hosts"] = hosts
         self._init_options(options)
         self._base_url = base_url
+
+    def _check_configuration(self):
+        """Refuse a bad configuration; warn of one that loses files silently.
+
+        Run before the first save after each settings change, so that the
+        setting is read when used, not when the storage is built.
+        """
+        super()._check_configuration()
         if not self.fatal_exceptions:
             warnings.warn(
                 "DistributedStorage with RESTO_FATAL_EXCEPTIONS = False loses "
                 "files silently when a media host fails: there is no master "
                 "copy to repair it from.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,  # the caller of save()
             )
 
     @property

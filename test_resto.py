@@ -1158,9 +1158,9 @@ def test_failed_save_not_fatal_logs_and_goes_on(storage_class, media_servers, tm
     servers, bad = _one_bad_host(media_servers, 3, status=500)
     hosts = [s.address for s in servers]
     distributed = storage_class is DistributedStorage
+    storage = make_storage(storage_class, hosts, tmp_path, fatal_exceptions=False)
     with pytest.warns(RuntimeWarning) if distributed else contextlib.nullcontext():
-        storage = make_storage(storage_class, hosts, tmp_path, fatal_exceptions=False)
-    assert storage.save("b.txt", ContentFile(b"b")) == "b.txt"
+        assert storage.save("b.txt", ContentFile(b"b")) == "b.txt"
     settle(storage)
     assert resto_records(caplog) == [
         "Failed to create b.txt on %s. PUT http://%s/media/b.txt answered 500, "
@@ -1171,9 +1171,20 @@ def test_failed_save_not_fatal_logs_and_goes_on(storage_class, media_servers, tm
 
 
 def test_distributed_warns_once_without_fatal_exceptions(media_servers):
-    with pytest.warns(RuntimeWarning, match="no master copy") as record:
-        DistributedStorage(hosts=["127.0.0.1:1"], fatal_exceptions=False)
+    server, = media_servers(1)
+    # Read when used, not when built: a settings change before the first
+    # save is what counts.
+    storage = DistributedStorage(hosts=[server.address])
+
+    def save_twice():
+        storage.save("a.txt", ContentFile(b"a"))
+        storage.save("b.txt", ContentFile(b"b"))
+
+    with override_settings(RESTO_FATAL_EXCEPTIONS=False), \
+            pytest.warns(RuntimeWarning, match="no master copy") as record:
+        save_twice()
     assert len(record) == 1
+    assert record[0].filename == __file__  # it points at the save
 
 
 @pytest.mark.parametrize("storage_class", [HybridStorage, DistributedStorage],
@@ -3571,10 +3582,8 @@ def test_fault_matrix(fault, fatal, storage_class, media_servers, tmp_path, capl
     bad_address, bad = _faulty_host(media_servers, fault)
     hosts = [good[0].address, good[1].address, bad_address]
     data = os.urandom(3000)  # more than reset_after
-    with pytest.warns(RuntimeWarning) if (
-            storage_class is DistributedStorage and not fatal) else contextlib.nullcontext():
-        storage = make_storage(storage_class, hosts, tmp_path, timeout=FAULT_TIMEOUT,
-                               fatal_exceptions=fatal)
+    storage = make_storage(storage_class, hosts, tmp_path, timeout=FAULT_TIMEOUT,
+                           fatal_exceptions=fatal)
     recovers = FAULTS[fault][1]
     raises = fatal and not recovers and storage_class is not AsyncStorage
     started = time.monotonic()
@@ -3583,7 +3592,9 @@ def test_fault_matrix(fault, fatal, storage_class, media_servers, tmp_path, capl
             storage.save("a.txt", ContentFile(data))
         assert info.value.hosts == [bad_address]
     else:
-        assert storage.save("a.txt", ContentFile(data)) == "a.txt"
+        with pytest.warns(RuntimeWarning, match="no master copy") if (
+                storage_class is DistributedStorage and not fatal) else contextlib.nullcontext():
+            assert storage.save("a.txt", ContentFile(data)) == "a.txt"
     settle(storage)
     assert time.monotonic() - started < FAULT_BOUND
 
