@@ -28,20 +28,8 @@ import time  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-
-def status_kib(field):
-    """Return a VmRSS/VmHWM field of /proc/self/status, in KiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError("no %s in /proc/self/status" % field)
-
-
-def reset_peak():
-    """Make VmHWM the current RSS, so that it then measures what follows."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
+# bench.py's worker imports only the standard library at module level.
+from worker import reset_peak, status_kib  # noqa: E402
 
 
 def resto_uploader(command):

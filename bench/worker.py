@@ -193,26 +193,30 @@ class Worker:
                 upload_seconds.append(time.perf_counter() - started)
 
         storage.execute = timed_execute
-        # Reset the peak to the current RSS: VmHWM is then the save's peak.
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        baseline = _status_kib("VmRSS")
+        reset_peak()  # VmHWM is then the save's peak
+        baseline = status_kib("VmRSS")
         started = time.perf_counter()
         with open(command["source"], "rb") as handle:
             name = storage.save("%s/big.bin" % command["prefix"], File(handle))
         seconds = time.perf_counter() - started
         del storage.execute
-        return {"name": name, "baseline_kib": baseline, "peak_kib": _status_kib("VmHWM"),
+        return {"name": name, "baseline_kib": baseline, "peak_kib": status_kib("VmHWM"),
                 "seconds": seconds, "upload_seconds": sum(upload_seconds)}
 
 
-def _status_kib(field):
-    """Return a VmRSS/VmHWM field of /proc/self/status, in KiB."""
+def status_kib(field):
+    """Return a VmRSS/VmHWM field of /proc/self/status, in KiB (s3_worker.py uses it too)."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError("no %s in /proc/self/status" % field)
+
+
+def reset_peak():
+    """Make VmHWM the current RSS, so that it then measures what follows."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def main():
