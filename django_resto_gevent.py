@@ -65,6 +65,7 @@ import email.utils
 import errno
 import fnmatch
 import functools
+import gc
 import hashlib
 import hmac
 import inspect
@@ -72,6 +73,7 @@ import io
 import json
 import logging
 import mimetypes
+import mmap
 import os
 import pathlib
 import queue
@@ -138,6 +140,8 @@ class _ProcessState:
         # The AsyncStorage background queues, flushed at exit (registered once).
         self.backgrounds = weakref.WeakSet()
         self.exit_flush_registered = False
+        # True in "python -m django_resto_gevent": sync may fork() workers.
+        self.command_line = False
         self.reset()
 
     def reset(self):
@@ -5045,15 +5049,16 @@ def _selected_hosts(storage, wanted):
     return [host for host in hosts if host in wanted]
 
 
-def _master_directory(root, directory):
+def _master_directory(root, directory, files_too=True):
     """Return the files (_Entry, sorted) and subdirectory names (sorted) of a master
-    directory ("" the top). Raises OSError when it cannot be read."""
+    directory ("" the top); without ``files_too``, the subdirectories only (no file
+    is stat()ed). Raises OSError when it cannot be read."""
     files, subdirectories = [], []
     with os.scandir(os.path.join(root, directory) if directory else root) as scan:
         for entry in scan:
             if entry.is_dir(follow_symlinks=False):
                 subdirectories.append(entry.name)
-            elif entry.is_file():
+            elif files_too and entry.is_file():
                 info = entry.stat()
                 files.append(_Entry(entry.name, False, info.st_size, info.st_mtime, None))
     files.sort(key=_entry_name)
@@ -5066,12 +5071,22 @@ def _join(directory, name):
     return directory + "/" + name if directory else name
 
 
+def _share_of(directory, processes):
+    """Return which of ``processes`` compares ``directory``: the same in each of them."""
+    return zlib.crc32(directory.encode("utf-8", "surrogateescape")) % processes
+
+
 # A host that failed this many requests in a row, with no answer at all, is
 # taken as down for the rest of the sync instead of costing a timeout per file.
 _SYNC_DOWN_AFTER = 3
 
 # Failures listed per host at the end; the rest are counted.
 _SYNC_LISTED_FAILURES = 20
+
+# A master sync shares the directories among this many processes at the most
+# (by default, one per CPU it may use): parsing listings and comparing are
+# CPU work, which one Python process does on one core.
+_SYNC_MAX_PROCESSES = 4
 
 # Directories whose listings are asked for ahead of the one being compared:
 # the round trips overlap, and memory holds at most this many directories
@@ -5133,6 +5148,53 @@ class _SyncTally:
         if reason not in self.refusals:
             self.refusals.append(reason)
 
+    def report(self):
+        """Return this tally as JSON-ready data: a worker process sends it home."""
+        report = {counter: getattr(self, counter) for counter in self.counters}
+        report.update(
+            refused=self.refused, refusals=self.refusals,
+            failures=[(name, _one_line(error)) for name, error in self.failures],
+            down=None if self.down is None else _one_line(self.down),
+            cannot_list=None if self.cannot_list is None else _one_line(self.cannot_list))
+        return report
+
+    def merge(self, report):
+        """Add what another process found on the same host (see report())."""
+        for counter in self.counters:
+            setattr(self, counter, getattr(self, counter) + report[counter])
+        self.refused += report["refused"]
+        self.refusals += [reason for reason in report["refusals"]
+                          if reason not in self.refusals]
+        room = _SYNC_LISTED_FAILURES - len(self.failures)
+        self.failures += [(name, RestoError(error)) for name, error in report["failures"][:room]]
+        if self.down is None and report["down"] is not None:
+            self.down = RestoError(report["down"])
+        if self.cannot_list is None and report["cannot_list"] is not None:
+            self.cannot_list = RestoError(report["cannot_list"])
+
+
+class _ProgressBoard:
+    """The progress counters of a sync shared among its processes: one row each, in
+    memory that fork() leaves shared, read by the process that draws the line."""
+
+    fields = ("dirs", "files", "uploaded", "deleted", "failed")
+
+    def __init__(self, processes):
+        self.row = struct.Struct("<%dq" % len(self.fields))
+        self.processes = processes
+        self.memory = mmap.mmap(-1, self.row.size * processes)
+
+    def post(self, index, totals):
+        """Write the totals of process ``index``."""
+        self.row.pack_into(self.memory, index * self.row.size,
+                           *[totals[field] for field in self.fields])
+
+    def totals(self):
+        """Return the sums over every process's latest row."""
+        rows = [self.row.unpack_from(self.memory, index * self.row.size)
+                for index in range(self.processes)]
+        return dict(zip(self.fields, map(sum, zip(*rows, strict=True)), strict=True))
+
 
 class _MD5Sink:
     """A binary sink that hashes what it is given (MD5: what hosts report)."""
@@ -5153,6 +5215,15 @@ def _file_md5(path):
         for block in iter(functools.partial(source.read, _BLOCK_SIZE), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _stop_workers(workers):
+    """Stop and reap the sync workers still running (an interrupted run)."""
+    for _, pid, pipe in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        os.close(pipe)
 
 
 def _spawn(func, *args):
@@ -5177,6 +5248,10 @@ class _Sync:
     the walk lists each directory on every host while the jobs of the
     directories before it run. Subclasses say where the truth is: the master
     copy (_MasterSync), or the newest copy among the hosts (_Heal).
+
+    With ``options.processes`` above 1 (a master sync from the command
+    line), the work is shared: forked workers each take the directories
+    that _share_of() gives them, and send their tallies home when done.
     """
 
     def __init__(self, storage, hosts, prefix, options, out, err):
@@ -5195,14 +5270,99 @@ class _Sync:
         self.started = time.monotonic()
         self.shown = 0.0
         self.interactive = err.isatty()
+        self.share = (0, options.processes)  # (this process's share, processes)
+        self.board = None
 
     def run(self):
         """Walk, compare and repair; print the summary; return the exit status."""
-        _run_bounded(self._run_job, self._jobs(), self.concurrency)
+        workers = self._start_workers() if self.share[1] > 1 else []
+        try:
+            _run_bounded(self._run_job, self._jobs(), self.concurrency)
+            self._gather(workers)
+        finally:
+            _stop_workers(workers)  # only those an interruption left running
         if self.interactive and self.shown:
             self._progress(final=True)
         self._summary()
         return 1 if self._incomplete() else 0
+
+    def _start_workers(self):
+        """Fork a worker for each share but this process's; return ``[(share, pid,
+        pipe)]``. A worker runs its share and exits: it never returns from here."""
+        processes = self.share[1]
+        if self.interactive:
+            self.board = _ProgressBoard(processes)
+        self.out.flush()
+        self.err.flush()
+        # What is loaded by now stays until exit: frozen, the collector never
+        # walks it, and the workers share its pages instead of copying them.
+        gc.freeze()
+        workers = []
+        try:
+            for share in range(1, processes):
+                reading, writing = os.pipe()
+                try:
+                    pid = os.fork()
+                except OSError:
+                    os.close(reading)
+                    os.close(writing)
+                    raise
+                if pid == 0:
+                    os.close(reading)
+                    for _, _, pipe in workers:
+                        os.close(pipe)
+                    self._work(share, writing)
+                os.close(writing)
+                workers.append((share, pid, reading))
+        except OSError as error:  # out of processes or memory: work alone
+            _stop_workers(workers)
+            self.share, self.board = (0, 1), None
+            self.err.write("Cannot start the sync processes (%s): running in one.\n"
+                           % _one_line(error))
+            return []
+        return workers
+
+    def _work(self, share, pipe):
+        """Run ``share`` in a forked worker, send its tallies home as JSON, and exit."""
+        status = 1
+        try:
+            self.share = (share, self.share[1])
+            self.interactive = False
+            _run_bounded(self._run_job, self._jobs(), self.concurrency)
+            report = {"files": self.files,
+                      "tallies": [self.tallies[host].report() for host in self.hosts]}
+            with open(pipe, "w", encoding="utf-8") as stream:
+                json.dump(report, stream)
+            status = 0
+        except BaseException:  # noqa: BLE001  nothing may return into the caller's code
+            if not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                logger.exception("A sync worker process failed.")
+        finally:
+            os._exit(status)
+
+    def _gather(self, workers):
+        """Wait for each worker in turn and add its tallies to this process's."""
+        while workers:
+            share, pid, pipe = workers[0]
+            with open(pipe, encoding="utf-8") as stream:
+                text = stream.read()  # until the worker exits
+            _, status = os.waitpid(pid, 0)
+            workers.pop(0)
+            try:
+                report = json.loads(text)
+            except ValueError:
+                code = os.waitstatus_to_exitcode(status)
+                error = RestoError(
+                    "the sync process for share %d of %d ended without its report (%s): "
+                    "the directories of that share were not compared"
+                    % (share + 1, self.share[1], "killed by signal %d" % -code if code < 0
+                       else "exit status %d" % code))
+                for host in self.hosts:
+                    self._failed(host, "(share %d of %d)" % (share + 1, self.share[1]), error)
+                continue
+            self.files += report["files"]
+            for host, tally in zip(self.hosts, report["tallies"], strict=True):
+                self.tallies[host].merge(tally)
 
     def _run_job(self, job):
         """Run one job ``(func, host, name, *args)``; record a failure on its host."""
@@ -5279,8 +5439,9 @@ class _Sync:
         return directory, item, listings
 
     def _maybe_progress(self):
-        """Redraw the progress line when it is time (terminals only)."""
-        if not self.interactive:
+        """Redraw the progress line when it is time (terminals only; a worker posts
+        its totals for the process that draws)."""
+        if not self.interactive and self.board is None:
             return
         now = time.monotonic()
         if now - self.started >= _PROGRESS_AFTER and now - self.shown >= _PROGRESS_EVERY:
@@ -5291,7 +5452,12 @@ class _Sync:
         self.shown = now = time.monotonic()
         with self.lock:
             totals = {counter: sum(getattr(tally, counter) for tally in self.tallies.values())
-                      for counter in ("dirs", "files", "uploaded", "deleted", "failed")}
+                      for counter in _ProgressBoard.fields}
+        if self.board is not None and not final:  # the final line has every tally
+            self.board.post(self.share[0], totals)
+            if self.share[0]:
+                return
+            totals = self.board.totals()
         rate = totals["files"] / max(now - self.started, 1e-6)
         line = ("%(dirs)d directories listed, %(files)d files compared, %(uploaded)d uploaded, "
                 "%(deleted)d deleted, %(failed)d failed" % totals) + ", %.0f files/s" % rate
@@ -5334,9 +5500,10 @@ class _Sync:
                           % (tally.failed - len(tally.failures), host))
         down = ["%s (%s)" % (host, _one_line(tally.down))
                 for host, tally in self.tallies.items() if tally.down is not None]
-        out.write("%s%d files x %d hosts in %.1f s, %s. %s%s\n" % (
+        out.write("%s%d files x %d hosts in %.1f s%s, %s. %s%s\n" % (
             "Dry run: " if self.dry_run else "", self.files, len(self.hosts),
             time.monotonic() - self.started,
+            " by %d processes" % self.share[1] if self.share[1] > 1 else "",
             _COMPARED_CONTENT if self.checksum else _COMPARED, self._outcome(),
             " Down: %s." % "; ".join(down) if down else ""))
 
@@ -5397,9 +5564,16 @@ class _MasterSync(_Sync):
         start = self.prefix
         if start and not os.path.isdir(os.path.join(self.root, start)):
             start, _, only = start.rpartition("/")  # --prefix names one file
+        share, processes = self.share
         stack = [start]
         while stack:  # each directory of the tree is pushed once
             directory = stack.pop()
+            if processes > 1 and _share_of(directory, processes) != share:
+                # Another process compares it: only its subdirectories count here.
+                with contextlib.suppress(OSError):  # that process reports the error
+                    _, below = _master_directory(self.root, directory, files_too=False)
+                    stack.extend(_join(directory, name) for name in reversed(below))
+                continue
             try:
                 files, subdirectories = _master_directory(self.root, directory)
             except OSError as error:
@@ -5453,26 +5627,38 @@ class _MasterSync(_Sync):
                     yield self._check_by_head, host, _join(directory, entry.name), entry
             files = [entry for entry in files if not entry.name.startswith(".")]
             host_files = [entry for entry in host_files if not entry.name.startswith(".")]
+        counts = dict.fromkeys(("same", "size", "stale", "missing"), 0)
         for entry in files:
             while index < len(host_files) and host_files[index].name < entry.name:
                 orphans.append(host_files[index])
                 index += 1
-            name = _join(directory, entry.name)
             if index < len(host_files) and host_files[index].name == entry.name:
-                job = self._judge(host, name, entry, host_files[index])
+                copy = host_files[index]
                 index += 1
-                if job is not None:
-                    yield job
+                verdict = self._verdict(entry, copy)
+                if verdict == "same":
+                    counts["same"] += 1
+                elif verdict == "content":
+                    yield (self._check_content, host, _join(directory, entry.name), entry,
+                           copy.md5)
+                else:
+                    counts[verdict] += 1
+                    if not self.dry_run:
+                        yield self._upload, host, _join(directory, entry.name), entry
             elif entry.name in host_dirs:
-                self._failed(host, name, RestoError(
+                self._failed(host, _join(directory, entry.name), RestoError(
                     "the host has a directory where the master copy has a file: remove "
                     "it by hand"))
             else:
-                with self.lock:
-                    tally.files += 1
-                    tally.missing += 1
+                counts["missing"] += 1
                 if not self.dry_run:
-                    yield self._upload, host, name, entry
+                    yield self._upload, host, _join(directory, entry.name), entry
+        # Counted once per directory: a lock per file costs more than the rest
+        # of an up-to-date file's comparison.
+        with self.lock:
+            tally.files += sum(counts.values())
+            for verdict, count in counts.items():
+                setattr(tally, verdict, getattr(tally, verdict) + count)
         orphans.extend(host_files[index:])
         if one_file:
             return
@@ -5482,23 +5668,14 @@ class _MasterSync(_Sync):
         if orphans:
             yield from self._orphans(host, directory, orphans, empty=not files and not known)
 
-    def _judge(self, host, name, entry, copy):
-        """Count a file both sides have; return the job that repairs or checks it, or None."""
-        tally = self.tallies[host]
+    def _verdict(self, entry, copy):
+        """Judge a file both sides have: "same", "size", "stale", or "content" (to be
+        checked, with --checksum)."""
         if copy.size != entry.size:
-            verdict = "size"
-        elif copy.mtime is not None and copy.mtime + _MTIME_RESOLUTION <= entry.mtime:
-            verdict = "stale"
-        elif self.checksum:
-            return self._check_content, host, name, entry, copy.md5
-        else:
-            verdict = "same"
-        with self.lock:
-            tally.files += 1
-            setattr(tally, verdict, getattr(tally, verdict) + 1)
-        if verdict == "same" or self.dry_run:
-            return None
-        return self._upload, host, name, entry
+            return "size"
+        if copy.mtime is not None and copy.mtime + _MTIME_RESOLUTION <= entry.mtime:
+            return "stale"
+        return "content" if self.checksum else "same"
 
     def _orphans(self, host, directory, orphans, empty):
         """Count the orphans of a directory (a host-only directory counts what it holds)
@@ -5626,9 +5803,16 @@ class _MasterSync(_Sync):
             if not self.dry_run:
                 self._upload(host, name, entry)
             return
-        job = self._judge(host, name, entry, copy)
-        if job is not None:
-            job[0](*job[1:])
+        verdict = self._verdict(entry, copy)
+        if verdict == "content":
+            self._check_content(host, name, entry, copy.md5)
+            return
+        with self.lock:
+            tally = self.tallies[host]
+            tally.files += 1
+            setattr(tally, verdict, getattr(tally, verdict) + 1)
+        if verdict != "same" and not self.dry_run:
+            self._upload(host, name, entry)
 
 
 class _Heal(_Sync):
@@ -5803,6 +5987,38 @@ class _Heal(_Sync):
         return _sentence(parts) + ("; nothing was changed." if self.dry_run else ".")
 
 
+def _usable_cpus():
+    """Return how many CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _sync_processes(args, heal, one_file):
+    """Return how many processes sync shares the directories among (``--jobs``)."""
+    if args.jobs is not None and args.jobs < 1:
+        raise _UsageError("--jobs must be 1 or more, not %d." % args.jobs)
+    asked = args.jobs is not None and args.jobs > 1
+    if asked and heal:
+        raise _UsageError("--jobs %d: a DistributedStorage is healed in one process (its tree "
+                          "is found in the hosts' listings as it goes); leave --jobs out."
+                          % args.jobs)
+    if asked and args.max_delete is not None:
+        raise _UsageError("--jobs %d with --max-delete: the bound on deletions holds exactly "
+                          "only in one process; give --jobs 1, or leave --jobs out."
+                          % args.jobs)
+    wanted = args.jobs if args.jobs is not None else min(_usable_cpus(), _SYNC_MAX_PROCESSES)
+    if heal or one_file or args.max_delete is not None:
+        return 1
+    # Workers are forked by the command line only: called as main() from a
+    # program, sync stays in its process, whose threads, greenlets and state
+    # fork() would copy half-way.
+    if (not _process.command_line or not hasattr(os, "fork")
+            or threading.active_count() > 1 or _sockets_patched()):
+        return 1
+    return max(1, min(wanted, args.concurrency))
+
+
 def _sync_command(args):
     """Bring every media host in line with the master copy, or heal a DistributedStorage."""
     storage = _load_storage(args)
@@ -5825,6 +6041,7 @@ def _sync_command(args):
                 "--delete: the storage %r is a %s, which keeps no master copy to say what "
                 "is an orphan; sync heals its hosts from each other without it."
                 % (args.storage, type(storage).__name__))
+        args.processes = _sync_processes(args, heal=True, one_file=False)
         return _Heal(storage, hosts, prefix, args, sys.stdout, sys.stderr).run()
     if not os.path.isdir(storage.location):
         raise _UsageError("The master copy %s does not exist: check MEDIA_ROOT or the "
@@ -5844,6 +6061,9 @@ def _sync_command(args):
             raise _UsageError(
                 "--delete refused: the master copy %s is empty, so every file on the hosts "
                 "would be deleted. Is it mounted? Check MEDIA_ROOT (or --prefix)." % start)
+    args.processes = _sync_processes(args, heal=False, one_file=not os.path.isdir(start))
+    # The in-flight bound is the whole run's: shared among the processes.
+    args.concurrency = max(1, args.concurrency // args.processes)
     return _MasterSync(storage, hosts, prefix, args, sys.stdout, sys.stderr).run()
 
 
@@ -6097,6 +6317,10 @@ def main(argv=None):
             sub.add_argument("--concurrency", type=int, default=16, metavar="N",
                              help="uploads, deletions and checks in flight at once "
                              "(default 16)")
+            sub.add_argument("--jobs", type=int, metavar="N",
+                             help="processes to share the directories among (default: one "
+                             "per CPU, at most %d; 1: this process only)"
+                             % _SYNC_MAX_PROCESSES)
     args = parser.parse_args(argv)
     handler = {"demo": _demo, "serve": _serve, "sync": _sync_command,
                "check": _check_command}[args.command]
@@ -6112,4 +6336,9 @@ if __name__ == "__main__":
     # storages referred to by dotted path share its state.
     import django_resto_gevent
 
+    # A command runs once: what is loaded by now stays until exit. Frozen,
+    # the collector never walks it, during the run or at exit (a fifth of a
+    # quick sync's time, measured on 10,000 files).
+    gc.freeze()
+    django_resto_gevent._process.command_line = True
     sys.exit(django_resto_gevent.main())

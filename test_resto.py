@@ -2593,15 +2593,21 @@ def test_sync_shows_progress_only_after_the_first_second(media_servers, tmp_path
     assert progress.endswith("\n")
 
 
-def run_command(tmp_path, hosts, *argv):
-    """Run ``python -m django_resto_gevent`` (never patched) with a settings module."""
+def run_program(tmp_path, hosts, program, *argv, **options):
+    """Run ``program`` (a script's argv, or ``-m django_resto_gevent``), never patched,
+    with a settings module naming ``hosts``; ``options`` go to subprocess.run()."""
     (tmp_path / "resto_cli_settings.py").write_text(
         SETTINGS_MODULE_TEMPLATE.format(root=str(tmp_path / "master"), hosts=list(hosts)))
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), HERE]))
+    options.setdefault("capture_output", True)
     return subprocess.run(
-        [sys.executable, "-m", "django_resto_gevent", *argv, "--settings",
-         "resto_cli_settings"], cwd=str(tmp_path), env=environment, capture_output=True,
-        text=True, timeout=120)
+        [sys.executable, *program, *argv, "--settings", "resto_cli_settings"],
+        cwd=str(tmp_path), env=environment, text=True, timeout=120, **options)
+
+
+def run_command(tmp_path, hosts, *argv):
+    """Run ``python -m django_resto_gevent`` with a settings module naming ``hosts``."""
+    return run_program(tmp_path, hosts, ("-m", "django_resto_gevent"), *argv)
 
 
 def test_sync_command_repairs_nginx_hosts(nginx_hosts, tmp_path):
@@ -2624,6 +2630,148 @@ def test_sync_command_repairs_nginx_hosts(nginx_hosts, tmp_path):
     assert result.stdout.splitlines()[-1].endswith(
         "Every host matches the master copy; orphans not looked for on %s (no listing)."
         % ", ".join(nginx_hosts.hosts))
+
+
+# 24 directories of three files, and one at the top: enough for every share.
+SHARED_TREE = dict({"d%02d/f%d.txt" % (directory, number): b"file %d of %d" % (number, directory)
+                    for directory in range(24) for number in range(3)}, **{"top.txt": b"top"})
+
+
+def summary_rows(out):
+    """Return the per-host rows of a sync summary (its table, without the timing)."""
+    return [line for line in out.splitlines() if line.startswith(("host ", "127.0.0.1:"))]
+
+
+def test_sync_shares_the_directories_among_processes(nginx_listing_session, tmp_path):
+    hosts = nginx_listing_session
+    hosts.clear()
+    write_master(tmp_path / "master", SHARED_TREE)
+    # Host 0 lost the first file of each directory and holds an orphan; host 1
+    # is empty. Both copies are written after the master, as saves are.
+    write_master(os.path.join(hosts.roots[0], "media"), dict(
+        {name: data for name, data in SHARED_TREE.items() if not name.endswith("/f0.txt")},
+        **{"d03/orphan.txt": b"orphan"}))
+    module = ("-m", "django_resto_gevent")
+    one = run_program(tmp_path, hosts.hosts[:2], module, "sync", "--dry-run", "--jobs", "1")
+    three = run_program(tmp_path, hosts.hosts[:2], module, "sync", "--dry-run", "--jobs", "3")
+    assert one.returncode == three.returncode == 1, three.stdout + three.stderr
+    # The same findings, however the tree was shared.
+    assert summary_rows(three.stdout) == summary_rows(one.stdout)
+    assert summary_rows(three.stdout)[1].split()[1:] == [
+        "25", "73", "49", "24", "0", "0", "0", "1", "24", "0", "0"]
+    assert " by 3 processes, " in three.stdout.splitlines()[-1]
+    assert " processes" not in one.stdout.splitlines()[-1]
+    logged = [len(hosts.requests(index)) for index in range(2)]
+    repaired = run_program(tmp_path, hosts.hosts[:2], module, "sync", "--delete", "--jobs", "3")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert summary_rows(repaired.stdout)[1].split()[-3:] == ["24", "1", "0"]
+    assert summary_rows(repaired.stdout)[2].split()[-3:] == ["73", "0", "0"]
+    assert " by 3 processes, " in repaired.stdout.splitlines()[-1]
+    assert not os.path.exists(hosts.path(0, "d03/orphan.txt"))
+    for index in range(2):
+        # Each directory listed once, by the one process whose share it is.
+        listed = sorted(uri.partition("?")[0] for method, uri, _, _
+                        in hosts.requests(index)[logged[index]:]
+                        if method == "GET" and uri.partition("?")[0].endswith("/"))
+        assert listed == ["/media/"] + ["/media/d%02d/" % number for number in range(24)]
+        for name, data in SHARED_TREE.items():
+            with open(hosts.path(index, name), "rb") as copy:
+                assert copy.read() == data, (index, name)
+    again = run_program(tmp_path, hosts.hosts[:2], module, "sync", "--dry-run", "--jobs", "3")
+    assert again.returncode == 0, again.stdout
+    assert "Every host matches the master copy; nothing was changed." in again.stdout
+
+
+def test_sync_reports_the_share_of_a_process_that_died(nginx_listing_session, tmp_path):
+    hosts = nginx_listing_session
+    hosts.clear()
+    write_master(tmp_path / "master", SHARED_TREE)
+    # A driver whose second process ends without a report, as a killed one would.
+    (tmp_path / "dying_share.py").write_text(
+        "import os, sys\n"
+        "import django_resto_gevent\n"
+        "def die(sync, share, pipe):\n"
+        "    os._exit(3)\n"
+        "django_resto_gevent._Sync._work = die\n"
+        "django_resto_gevent._process.command_line = True  # as python -m sets it\n"
+        "sys.exit(django_resto_gevent.main(sys.argv[1:]))\n")
+    result = run_program(tmp_path, hosts.hosts[:1], ["dying_share.py"], "sync", "--jobs", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert ("FAILED (share 2 of 2) on %s: the sync process for share 2 of 2 ended without its "
+            "report (exit status 3): the directories of that share were not compared\n"
+            % hosts.hosts[0]) in result.stdout
+    # The first share was repaired all the same; the second was not touched.
+    landed = [name for name in SHARED_TREE if os.path.exists(hosts.path(0, name))]
+    assert 0 < len(landed) < len(SHARED_TREE)
+    assert "every host matches" not in result.stdout.lower()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("--jobs", "0"), "--jobs must be 1 or more, not 0."),
+    (("--jobs", "2", "--delete", "--max-delete", "3"),
+     "--jobs 2 with --max-delete: the bound on deletions holds exactly only in one process; "
+     "give --jobs 1, or leave --jobs out."),
+])
+def test_sync_jobs_refused(media_servers, tmp_path, capsys, argv, message):
+    write_master(tmp_path)
+    server, = media_servers(1)
+    with storage_alias(HybridStorage, [server.address], tmp_path):
+        status, _, err = run_main(capsys, "sync", "--storage", "replicated", *argv)
+    assert status == 2
+    assert err == "error: %s\n" % message
+
+
+def test_sync_jobs_refused_for_a_distributed_storage(media_servers, capsys):
+    server, = media_servers(1)
+    with storage_alias(DistributedStorage, [server.address]):
+        status, _, err = run_main(capsys, "sync", "--storage", "replicated", "--jobs", "2")
+    assert status == 2
+    assert err == ("error: --jobs 2: a DistributedStorage is healed in one process (its tree "
+                   "is found in the hosts' listings as it goes); leave --jobs out.\n")
+
+
+def test_sync_forks_only_as_its_own_command(media_servers, tmp_path, capsys):
+    # Called as main() from a program (here pytest), sync stays in its process:
+    # fork() would copy that program's threads and state half-way.
+    write_master(tmp_path, SHARED_TREE)
+    server, = media_servers(1)
+    with storage_alias(HybridStorage, [server.address], tmp_path):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--jobs", "2")
+    assert status == 0, out
+    assert " processes" not in out.splitlines()[-1]
+    assert len(server.files) == len(SHARED_TREE)
+
+
+def test_sync_progress_counts_every_process(media_servers, tmp_path):
+    # Under a terminal, the process that draws the line adds the others' counts.
+    write_master(tmp_path / "master", {"d%d/%d.txt" % (number % 4, number): b"x"
+                                       for number in range(16)})
+    server, = media_servers(1)
+    server.latency = 0.1  # the run lasts past the first second
+    (tmp_path / "on_a_terminal.py").write_text(
+        "import sys\n"
+        "import django_resto_gevent\n"
+        "class Terminal:\n"
+        "    def __init__(self, stream):\n"
+        "        self.stream = stream\n"
+        "    def isatty(self):\n"
+        "        return True\n"
+        "    def write(self, text):\n"
+        "        return self.stream.write(text)\n"
+        "    def flush(self):\n"
+        "        self.stream.flush()\n"
+        "sys.stderr = Terminal(sys.stderr)\n"
+        "django_resto_gevent._process.command_line = True  # as python -m sets it\n"
+        "sys.exit(django_resto_gevent.main(sys.argv[1:]))\n")
+    result = run_program(tmp_path, [server.address], ["on_a_terminal.py"], "sync", "--jobs", "2",
+                         "--concurrency", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " by 2 processes, " in result.stdout.splitlines()[-1]
+    # (Text mode reads each "\r" as a line end.)
+    lines = [line for line in result.stderr.splitlines() if line]
+    assert len(lines) >= 2, result.stderr  # drawn at least once before the final line
+    assert all(" directories listed, " in line for line in lines), lines
+    assert "16 uploaded, 0 deleted, 0 failed" in lines[-1]
 
 
 def test_check_command_on_nginx_hosts(nginx_hosts, tmp_path):
