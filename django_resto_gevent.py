@@ -4048,6 +4048,15 @@ class _ReplicationMixin:
             raise ReplicationError(action, name, failures, len(results)) from failures[0][1]
         return results
 
+    def _dispatch(self, func, name, *args, action=None):
+        """Hand a write or delete of ``name`` to every media host, as this storage does.
+
+        Here through ``execute()``, before returning; AsyncStorage schedules
+        it instead. Saves and deletes call this, never ``execute()`` itself,
+        so that ``execute()`` keeps one contract in every storage.
+        """
+        self.execute(func, name, *args, action=action)
+
     def _quorum_failed(self, action, name, results):
         """Undo a save of a new file that failed its quorum, so that nothing is left behind.
 
@@ -4180,7 +4189,7 @@ class _LocalReadsMixin(_ReplicationMixin):
         """Delete ``name`` locally, then on every media host."""
         name = _check_name_to_delete(name)
         super().delete(name)
-        self.execute(self.transport.delete, name)
+        self._dispatch(self.transport.delete, name)
 
     def exists(self, name):
         """Tell whether ``name`` exists in the master copy."""
@@ -4281,8 +4290,8 @@ class HybridStorage(_LocalReadsMixin, FileSystemStorage):
         # their own positions (a small one once, into memory).
         with open(self.path(name), "rb") as local_file, \
                 _Payload(File(local_file)) as payload:
-            self.execute(self._put_payload, name, payload, overwrite, object_headers,
-                         action="write" if overwrite else "create")
+            self._dispatch(self._put_payload, name, payload, overwrite, object_headers,
+                           action="write" if overwrite else "create")
 
 
 @deconstructible(path="django_resto_gevent.AsyncStorage")
@@ -4295,19 +4304,21 @@ class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
     ``save()`` and ``delete()`` wait for room, then raise BacklogError.
     ``join()`` waits for pending replications; they are also flushed at
     exit. Override ``execute_one`` to hand replication to a task queue.
+    ``execute()`` runs in the foreground and returns the per-host results,
+    as in the other storages; saves and deletes do not call it.
     """
 
     def _replicate(self, name, overwrite, object_headers):
-        self.execute(self._put_local_file, name, overwrite, object_headers,
-                     action="write" if overwrite else "create")
+        self._dispatch(self._put_local_file, name, overwrite, object_headers,
+                       action="write" if overwrite else "create")
 
     @property
     def async_max_pending(self):
         """How many host operations may wait in the background at once."""
         return self._option("async_max_pending")
 
-    def execute(self, func, name, *args, action=None):
-        """Schedule ``func(host, name, *args)`` for every host; return at once."""
+    def _dispatch(self, func, name, *args, action=None):
+        """Schedule ``func(host, name, *args)`` on every host (execute_one); return at once."""
         for host in self.hosts:
             self.execute_one(func, host, name, *args, action=action)
 
@@ -4410,16 +4421,16 @@ class DistributedStorage(_ReplicationMixin, Storage):
         overwrite = self.allow_overwrite
         object_headers = self.transport.object_headers(name)  # checked before any request
         with _Payload(content) as payload:
-            self.execute(self._put_payload, name, payload, overwrite, object_headers,
-                         action="write" if overwrite else "create")
+            self._dispatch(self._put_payload, name, payload, overwrite, object_headers,
+                           action="write" if overwrite else "create")
         return name
 
     def _commit_write(self, name, spool):
         """PUT what was written through open() to every host, as an overwrite."""
         object_headers = self.transport.object_headers(name)  # checked before any request
         with _Payload(File(spool)) as payload:
-            self.execute(self._put_payload, name, payload, True, object_headers,
-                         action="write")
+            self._dispatch(self._put_payload, name, payload, True, object_headers,
+                           action="write")
 
     def _copy_current(self, name, spool):
         """Copy ``name`` from the first host that has it into ``spool`` (to append to it)."""
@@ -4452,7 +4463,7 @@ class DistributedStorage(_ReplicationMixin, Storage):
 
     def delete(self, name):
         """Delete ``name`` on every media host."""
-        self.execute(self.transport.delete, _check_name_to_delete(name))
+        self._dispatch(self.transport.delete, _check_name_to_delete(name))
 
     def exists(self, name):
         """Tell whether any media host has ``name`` (all are asked at once).

@@ -1105,6 +1105,23 @@ def test_async_execute_one_is_the_task_queue_hook(media_servers, tmp_path):
     assert all(server.log == [] for server in servers)
 
 
+def test_async_execute_keeps_the_contract_of_execute(media_servers, tmp_path):
+    # execute() runs now and returns the results in host order, as in the
+    # other storages; the background path is execute_one().
+    servers = media_servers(2)
+    servers[1].status = {"DELETE": 500}
+    storage = AsyncStorage(location=str(tmp_path), hosts=[s.address for s in servers])
+    results = storage.execute(lambda host, name: host, "x.txt")
+    assert [(r.host, r.ok, r.value) for r in results] == [
+        (servers[0].address, True, servers[0].address),
+        (servers[1].address, True, servers[1].address)]
+    servers[0].files["/media/gone.txt"] = b"g"
+    with pytest.raises(ReplicationError, match="on 1 of 2 media hosts"):
+        storage.execute(storage.transport.delete, "gone.txt")
+    assert servers[0].files == {}
+    assert storage.join(timeout=0) is True  # nothing was left in the background
+
+
 ###############################################################################
 # Storages: failures
 ###############################################################################
