@@ -4648,6 +4648,166 @@ _REASONS = {
 }
 
 
+# A MediaServer keeps its files in one of two stores with the same small
+# interface; the WebDAV rules are written once, in MediaServer._act.
+class _MemoryStore:
+    """Where a MediaServer without ``root`` keeps files: in memory.
+
+    In the server's ``files``, ``collections`` and ``mtimes``, read from the
+    server at each call (a test may replace them).
+    """
+
+    def __init__(self, server):
+        self.server = server
+
+    def confines(self, path):
+        """Tell whether ``path`` may be served (any path may: there is nothing else)."""
+        return True
+
+    def is_file(self, path):
+        """Tell whether a file is at ``path``."""
+        return path in self.server.files
+
+    def holds(self, path):
+        """Tell whether anything, file or collection, is at ``path``."""
+        return (path.rstrip("/") + "/" in self.server.collections
+                or path.rstrip("/") in self.server.files)
+
+    def has_parent(self, path):
+        """Tell whether the collection that would hold ``path`` exists."""
+        return path.rstrip("/").rpartition("/")[0] + "/" in self.server.collections
+
+    def make_collection(self, path):
+        """Create the collection ``path``."""
+        self.server.collections.add(path.rstrip("/") + "/")
+
+    def make_parents(self, path):
+        """Create every collection above ``path``."""
+        self.server.collections.update(_collection_paths(path))
+
+    def write(self, path, body):
+        """Store ``body`` as the file at ``path``."""
+        self.server.files[path] = body
+        self.server.mtimes[path] = time.time()
+
+    def remove(self, path):
+        """Remove the file at ``path``."""
+        del self.server.files[path]
+        self.server.mtimes.pop(path, None)
+
+    def read(self, path):
+        """Return the bytes of the file at ``path``."""
+        return self.server.files[path]
+
+    def mtime(self, path):
+        """Return when the file at ``path`` was last written, or None."""
+        return self.server.mtimes.get(path)
+
+    def resources(self, path, children):
+        """MediaServer._resources() of the ``files`` dict and its collections."""
+        files, mtimes = self.server.files, self.server.mtimes
+        if path in files:
+            return [(path, False, len(files[path]), mtimes.get(path))]
+        directory = path if path.endswith("/") else path + "/"
+        held = {}
+        for name in list(files) + list(self.server.collections):
+            if name.startswith(directory) and name != directory:
+                child, slash, _ = name[len(directory):].partition("/")
+                held[child] = held.get(child, False) or bool(slash)
+        if directory not in self.server.collections and not held:
+            return None
+        found = [(directory, True, None, None)]
+        if children:
+            for child, is_dir in sorted(held.items()):
+                name = directory + child
+                found.append((name + "/", True, None, None) if is_dir
+                             else (name, False, len(files[name]), mtimes.get(name)))
+        return found
+
+
+class _DirectoryStore:
+    """Where a MediaServer with ``root`` keeps files: that directory, and nothing outside it."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def _target(self, path):
+        """Return the real path on disk of the request path ``path``."""
+        return os.path.realpath(os.path.join(self.root, path.lstrip("/")))
+
+    def confines(self, path):
+        """Tell whether ``path`` stays inside the root (else it gets 403)."""
+        return "\x00" not in path and self._target(path).startswith(self.root + os.sep)
+
+    def is_file(self, path):
+        """Tell whether a file is at ``path``."""
+        return os.path.isfile(self._target(path))
+
+    def holds(self, path):
+        """Tell whether anything, file or directory, is at ``path``."""
+        return os.path.exists(self._target(path))
+
+    def has_parent(self, path):
+        """Tell whether the directory that would hold ``path`` exists."""
+        return os.path.isdir(os.path.dirname(self._target(path)))
+
+    def make_collection(self, path):
+        """Create the directory ``path``."""
+        os.mkdir(self._target(path))
+
+    def make_parents(self, path):
+        """Create every directory above ``path``."""
+        os.makedirs(os.path.dirname(self._target(path)), exist_ok=True)
+
+    def write(self, path, body):
+        """Store ``body`` at ``path``: written beside it, then renamed over it."""
+        target = self._target(path)
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".put-")
+        with os.fdopen(handle, "wb") as output:
+            output.write(body)
+        os.replace(temporary, target)
+
+    def remove(self, path):
+        """Remove the file at ``path``."""
+        os.remove(self._target(path))
+
+    def read(self, path):
+        """Return the bytes of the file at ``path``."""
+        with open(self._target(path), "rb") as stored:
+            return stored.read()
+
+    def mtime(self, path):
+        """Return when the file at ``path`` was last written, or None."""
+        try:
+            return os.stat(os.path.join(self.root, path.lstrip("/"))).st_mtime
+        except (OSError, ValueError):
+            return None
+
+    def resources(self, path, children):
+        """MediaServer._resources() of the directory (None outside the root)."""
+        target = self._target(path)
+        if "\x00" in path or not (target + os.sep).startswith(self.root + os.sep):
+            return None
+        try:
+            info = os.stat(target)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(info.st_mode):
+            return [(path, False, info.st_size, info.st_mtime)]
+        directory = path if path.endswith("/") else path + "/"
+        found = [(directory, True, None, info.st_mtime)]
+        if children:
+            with os.scandir(target) as scan:
+                for entry in scan:
+                    if entry.name.startswith(".put-"):
+                        continue  # an upload on its way
+                    held = entry.stat()
+                    is_dir = stat.S_ISDIR(held.st_mode)
+                    found.append((directory + entry.name + ("/" if is_dir else ""), is_dir,
+                                  None if is_dir else held.st_size, held.st_mtime))
+        return found
+
+
 class MediaServer:
     """An HTTP media server for tests: GET, HEAD, PUT and DELETE, in process.
 
@@ -4707,6 +4867,7 @@ class MediaServer:
         # Collections (paths ending with "/") of the in-memory mode.
         self.collections = {"/"}
         self.mtimes = {}
+        self._store = _MemoryStore(self) if root is None else _DirectoryStore(self.root)
         self.log = []
         self._server = None
         self._thread = None
@@ -4884,124 +5045,47 @@ class MediaServer:
             return 405, b""
         if method in ("GET", "HEAD") and path.endswith("/"):
             return 403, b""  # no directory listing here, as nginx without autoindex
-        if self.files is not None:
-            return self._respond_from_memory(method, path, body)
-        return self._respond_from_directory(method, path, body)
+        return self._act(method, path, body)
 
     def _mtime(self, path):
         """Return when the file at ``path`` was last written, or None."""
-        if self.files is not None:
-            return self.mtimes.get(path)
-        try:
-            return os.stat(os.path.join(self.root, path.lstrip("/"))).st_mtime
-        except (OSError, ValueError):
-            return None
+        return self._store.mtime(path)
 
     def _resources(self, path, children):
         """Return (path, is_dir, size, mtime) of ``path`` and, with ``children``, of
         what it holds; None when nothing is there."""
-        if self.files is not None:
-            return self._resources_in_memory(path, children)
-        target = os.path.realpath(os.path.join(self.root, path.lstrip("/")))
-        if "\x00" in path or not (target + os.sep).startswith(self.root + os.sep):
-            return None
-        try:
-            info = os.stat(target)
-        except OSError:
-            return None
-        if not stat.S_ISDIR(info.st_mode):
-            return [(path, False, info.st_size, info.st_mtime)]
-        directory = path if path.endswith("/") else path + "/"
-        found = [(directory, True, None, info.st_mtime)]
-        if children:
-            with os.scandir(target) as scan:
-                for entry in scan:
-                    if entry.name.startswith(".put-"):
-                        continue  # an upload on its way
-                    held = entry.stat()
-                    is_dir = stat.S_ISDIR(held.st_mode)
-                    found.append((directory + entry.name + ("/" if is_dir else ""), is_dir,
-                                  None if is_dir else held.st_size, held.st_mtime))
-        return found
+        return self._store.resources(path, children)
 
-    def _resources_in_memory(self, path, children):
-        """_resources() of the ``files`` dict and its collections."""
-        if path in self.files:
-            return [(path, False, len(self.files[path]), self.mtimes.get(path))]
-        directory = path if path.endswith("/") else path + "/"
-        held = {}
-        for name in list(self.files) + list(self.collections):
-            if name.startswith(directory) and name != directory:
-                child, slash, _ = name[len(directory):].partition("/")
-                held[child] = held.get(child, False) or bool(slash)
-        if directory not in self.collections and not held:
-            return None
-        found = [(directory, True, None, None)]
-        if children:
-            for child, is_dir in sorted(held.items()):
-                name = directory + child
-                found.append((name + "/", True, None, None) if is_dir
-                             else (name, False, len(self.files[name]), self.mtimes.get(name)))
-        return found
+    def _act(self, method, path, body):
+        """Answer GET, HEAD, PUT, DELETE or MKCOL as a WebDAV server does; return (status, body).
 
-    def _respond_from_memory(self, method, path, body):
-        """Serve from the ``files`` dict."""
-        exists = path in self.files
-        parent = path.rstrip("/").rpartition("/")[0] + "/"
+        Where the files are kept (memory or a directory) is the store's
+        business; the rules are the same for both.
+        """
+        store = self._store
+        if not store.confines(path):
+            return 403, b""
         if method == "MKCOL":
-            collection = path.rstrip("/") + "/"
-            if collection in self.collections or path.rstrip("/") in self.files:
+            if store.holds(path):
                 return 405, b""
-            if parent not in self.collections:
+            if not store.has_parent(path):
                 return 409, b""
-            self.collections.add(collection)
+            store.make_collection(path)
             return 201, b""
+        exists = store.is_file(path)
         if method == "PUT":
-            if parent not in self.collections:
+            if not store.has_parent(path):
                 if self.require_collections:
                     return 409, b""
-                # Like nginx's create_full_put_path: make every parent.
-                self.collections.update(_collection_paths(path))
-            self.files[path] = body
-            self.mtimes[path] = time.time()
+                store.make_parents(path)  # like nginx's create_full_put_path
+            store.write(path, body)
             return (204 if exists else 201), b""
         if not exists:
             return 404, b""
         if method == "DELETE":
-            del self.files[path]
-            self.mtimes.pop(path, None)
+            store.remove(path)
             return 204, b""
-        return 200, self.files[path]
-
-    def _respond_from_directory(self, method, path, body):
-        """Serve from the ``root`` directory, confined to it."""
-        target = os.path.realpath(os.path.join(self.root, path.lstrip("/")))
-        if "\x00" in path or not target.startswith(self.root + os.sep):
-            return 403, b""
-        exists = os.path.isfile(target)
-        if method == "MKCOL":
-            if os.path.exists(target):
-                return 405, b""
-            if not os.path.isdir(os.path.dirname(target)):
-                return 409, b""
-            os.mkdir(target)
-            return 201, b""
-        if method == "PUT":
-            if self.require_collections and not os.path.isdir(os.path.dirname(target)):
-                return 409, b""
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".put-")
-            with os.fdopen(handle, "wb") as output:
-                output.write(body)
-            os.replace(temporary, target)
-            return (204 if exists else 201), b""
-        if not exists:
-            return 404, b""
-        if method == "DELETE":
-            os.remove(target)
-            return 204, b""
-        with open(target, "rb") as stored:
-            return 200, stored.read()
+        return 200, store.read(path)
 
 
 ###############################################################################
