@@ -786,12 +786,20 @@ class SeaweedFS:
         raise RuntimeError("weed did not start: see %s/weed.log" % self.directory)
 
     def _start_once(self, weed, timeout):
-        """Write the S3 identities, start weed, wait until filer and S3 serve writes."""
+        """Start weed on new ports; wait until filer and S3 serve writes.
+
+        Returns False if weed exited (most likely a port was taken meanwhile).
+        """
         names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
                  "s3", "s3_grpc"]
         self.ports = dict(zip(names, (_free_port() for _ in names), strict=True))
-        data = os.path.join(self.directory, "data")
-        os.makedirs(data, exist_ok=True)
+        config = self._write_configuration()
+        self._launch(self._command(weed, config))
+        return self._wait_until_serving(timeout)
+
+    def _write_configuration(self):
+        """Write the S3 identities and master.toml; return the identities' path."""
+        os.makedirs(os.path.join(self.directory, "data"), exist_ok=True)
         config = os.path.join(self.directory, "s3.json")
         identities = {"identities": [{
             "name": "resto",
@@ -804,11 +812,15 @@ class SeaweedFS:
         # per collection at a time, not seven.
         with open(os.path.join(self.directory, "master.toml"), "w") as output:
             output.write("[master.volume_growth]\ncopy_1 = 2\ncopy_other = 1\n")
+        return config
+
+    def _command(self, weed, config):
+        """Return the ``weed server`` command line for our ports and directory."""
         ports = self.ports
-        command = [
+        return [
             weed, "server",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-dir=%s" % data,
+            "-dir=%s" % os.path.join(self.directory, "data"),
             "-master.port=%d" % ports["master"], "-master.port.grpc=%d" % ports["master_grpc"],
             # Opt out of the anonymous usage report (it would leave the machine).
             "-master.telemetry=false",
@@ -828,6 +840,9 @@ class SeaweedFS:
             # Neither the Iceberg nor the Lance endpoint is wanted; both have fixed ports.
             "-s3.port.iceberg=0", "-s3.port.lance=0",
         ] + self.options
+
+    def _launch(self, command):
+        """Start ``command`` in our directory, its output appended to weed.log."""
         # weed puts gRPC Unix sockets in /tmp whatever $TMPDIR says, but its
         # log files follow $TMPDIR: keep those in our directory.
         environment = dict(os.environ, TMPDIR=self.directory)
@@ -838,6 +853,9 @@ class SeaweedFS:
                 command, cwd=self.directory, env=environment, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT,
             )
+
+    def _wait_until_serving(self, timeout):
+        """Wait until filer and S3 gateway serve a write: True; False if weed exited."""
         began = time.monotonic()
         deadline = began + timeout
         self.accept_seconds = None
@@ -845,10 +863,13 @@ class SeaweedFS:
             if self.process.poll() is not None:
                 self._remove_sockets()
                 return False  # weed exited: most likely a port was taken
-            if self.accept_seconds is None and _accepts(ports["filer"]) and _accepts(ports["s3"]):
+            if (self.accept_seconds is None and _accepts(self.ports["filer"])
+                    and _accepts(self.ports["s3"])):
                 self.accept_seconds = time.monotonic() - began
             if self.accept_seconds is not None and self._serves():
                 return True
+            # weed says nowhere that it is ready: a write that completes is
+            # the only sign, so it is tried again, bounded by the deadline.
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("weed did not serve writes within %d seconds" % timeout)
