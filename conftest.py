@@ -10,11 +10,13 @@ from gevent import monkey
 monkey.patch_all()
 
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pwd  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
+import ssl  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -222,22 +224,55 @@ def _accepts(port):
     return True
 
 
-def _settled_lines(path, timeout=1.0):
-    """Return the lines of the log ``path`` once it stopped growing (bounded wait).
+# Requests for paths under this prefix mark a place in a host's access log;
+# requests() leaves them out. Each marker is numbered.
+_LOG_MARKER = "/.resto-log-marker/"
+_marker_numbers = itertools.count(1)
 
-    Servers write the access log line after the answer went out, so a
-    client may look before it is there: wait until two reads 25 ms apart
-    agree, for at most ``timeout`` seconds.
+
+def _ask_for_marker(entry, path, timeout=5.0):
+    """Ask the host ``entry`` for ``path`` and read the answer until the host closes.
+
+    ``entry`` is "host:port" or "https://host:port". The request says
+    ``Connection: close``: nginx and Apache write the log line before they
+    close, so the end of the connection comes after the line.
     """
+    scheme, _, address = entry.rpartition("://")
+    host, _, port = address.partition(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    if scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # only a marker, to a host of ours
+        sock = context.wrap_socket(sock)
+    with sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                     % (path.encode(), address.encode()))
+        while sock.recv(65536):
+            pass  # each receive is bounded by the socket's timeout
+
+
+def _logged_lines(entry, log_path, timeout=5.0):
+    """Return the lines of the access log ``log_path`` of host ``entry``, up to now.
+
+    Servers write an access log line after the answer went out, so a client
+    may look before it is there. A marker request is sent after everything
+    the test asked for, and the log is read until the marker's line is in it
+    (lighttpd's log reaches the file through a pipe, so it may lag a little);
+    marker lines are left out of what is returned.
+    """
+    marker = "%s%d-%d" % (_LOG_MARKER, os.getpid(), next(_marker_numbers))
+    _ask_for_marker(entry, marker)
     deadline = time.monotonic() + timeout
-    previous = None
     while True:
-        with open(path) as log:
-            text = log.read()
-        if text == previous or time.monotonic() > deadline:
-            return text.splitlines()
-        previous = text
-        time.sleep(0.025)
+        with open(log_path) as log:
+            lines = log.read().splitlines()
+        if any(marker in line for line in lines):
+            return [line for line in lines if _LOG_MARKER not in line]
+        if time.monotonic() > deadline:
+            raise AssertionError("the marker %s did not reach %s within %s seconds"
+                                 % (marker, log_path, timeout))
+        time.sleep(0.005)  # the marker's line is on its way through the pipe
 
 
 class MediaHosts:
@@ -277,7 +312,11 @@ class MediaHosts:
 
         Requests that shared a keep-alive connection share ``connection``.
         """
-        return [tuple(line.split()[:4]) for line in _settled_lines(self._log(index))]
+        return [tuple(line.split()[:4]) for line in self._logged_lines(index)]
+
+    def _logged_lines(self, index):
+        """Return the lines host ``index`` logged, all of them (see _logged_lines())."""
+        return _logged_lines(self.hosts[index], self._log(index))
 
     def clear(self):
         """Remove every file the hosts hold, and empty their request logs."""
@@ -448,7 +487,7 @@ class ApacheHosts(MediaHosts):
         """Return the requests host ``index`` logged: (method, uri, status, connection)."""
         # "PUT /media/x HTTP/1.1 201 43210 0": drop the protocol.
         return [tuple(fields[:2] + fields[3:5])
-                for fields in (line.split() for line in _settled_lines(self._log(index)))]
+                for fields in (line.split() for line in self._logged_lines(index))]
 
     def __init__(self, directory, count=3, user="www-data"):
         super().__init__(directory, count)

@@ -819,12 +819,22 @@ def test_pool_manager_has_a_pool_per_host():
 def test_fan_out_runs_hosts_in_parallel_and_keeps_host_order():
     running = []
     peak = []
+    all_running = gevent.event.Event()
+    finished = {host: gevent.event.Event() for host in ("1", "2", "3")}
 
     def operation(host, name):
         running.append(host)
         peak.append(len(running))
-        gevent.sleep(0.01 * (3 - int(host)))  # the first host finishes last
+        if len(running) == 3:
+            all_running.set()
+        # Bounded waits, which only hosts run in parallel get through: all
+        # three run at once, then each waits for the next one to finish, so
+        # the first host finishes last.
+        assert all_running.wait(5)
+        if host != "3":
+            assert finished[str(int(host) + 1)].wait(5)
         running.remove(host)
+        finished[host].set()
         if host == "2":
             raise ValueError("host 2 fails")
         return host + name
