@@ -1096,7 +1096,7 @@ class _Proxy(LoopbackServer):
                 if not chunk:
                     return
                 if self.delay:
-                    gevent.sleep(self.delay)
+                    gevent.sleep(self.delay)  # the fault: a slow link
                 destination.sendall(chunk)
         except OSError:
             return
@@ -1293,6 +1293,8 @@ def _read_raw_request(sock, buffer):
 
 def _send_raw_answer(sock, answer):
     """Send ``answer`` (a RawAnswer) as it says."""
+    # The delay and the pauses are the fault this host injects (a slow host,
+    # an answer in slow segments), not a wait for other work.
     if answer.delay:
         time.sleep(answer.delay)
     offset = 0

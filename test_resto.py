@@ -499,7 +499,9 @@ def test_connection_closed_by_the_host_is_seen_and_replaced():
             connections.append(peer)
             request = b""
             while b"\r\n\r\nx" not in request:
-                request += peer.recv(65536)
+                received = peer.recv(65536)
+                assert received, "the client closed before the end of its request"
+                request += received
             peer.sendall(answer)
             peer.close()
 
@@ -534,11 +536,15 @@ def test_answer_before_the_whole_body_is_still_read():
         with peer:
             request = b""
             while b"\r\n\r\n" not in request:
-                request += peer.recv(65536)
+                received = peer.recv(65536)
+                assert received, "the client closed before the end of its request"
+                request += received
             peer.sendall(b"HTTP/1.1 413 Request Entity Too Large\r\n"
                          b"Content-Length: 0\r\nConnection: close\r\n\r\n")
             peer.shutdown(socket.SHUT_WR)
-            gevent.sleep(0.05)  # let the answer arrive before the reset
+            # The fault's shape: a host that resets just after it answered
+            # (the answer must reach the client first), not a wait for work.
+            gevent.sleep(0.05)
         # Closed with the body unread: the kernel resets the connection.
 
     server = gevent.spawn(refuse_after_the_headers)
@@ -3759,7 +3765,7 @@ def test_slow_but_steady_upload_is_not_cut(media_servers, tmp_path):
             if not chunk:
                 break
             chunks.append(chunk)
-            gevent.sleep(0.03)
+            gevent.sleep(0.03)  # the fault: a host that reads slowly
         environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
         return original(environ, start_response)
 
