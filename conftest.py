@@ -135,6 +135,16 @@ def settle(storage):
         assert storage.join(timeout=30), "AsyncStorage.join() timed out"
 
 
+def idle_connections(address):
+    """Return the open connections this process keeps idle for the plain host ``address``.
+
+    urllib3 lists a pool's connections nowhere public: this is the one place
+    the tests look inside its pools.
+    """
+    pool = django_resto_gevent._pool_manager(1).connection_from_url("http://" + address)
+    return [c for c in pool.pool.queue if c is not None and c.sock is not None]
+
+
 @pytest.fixture(
     params=[(cls, count) for cls in STORAGE_CLASSES for count in (1, 2, 3)],
     ids=lambda param: "%s-%dhost" % (param[0].__name__, param[1]),

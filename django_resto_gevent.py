@@ -4626,7 +4626,14 @@ def _multistatus(resources):
 
 
 class _MediaRequestHandler(gevent.pywsgi.WSGIHandler):
-    """gevent's WSGI handler, handing the connection's socket to the application."""
+    """gevent's WSGI handler, handing the connection's socket to the application.
+
+    One handler serves one connection: it counts them in the MediaServer.
+    """
+
+    def handle(self):
+        self.server.media_server.connections += 1
+        return super().handle()
 
     def get_environ(self):
         environ = super().get_environ()
@@ -4817,7 +4824,8 @@ class MediaServer:
     Paths are the decoded request paths, e.g. ``"/media/a b.txt"``.
 
     Every request is recorded in ``log`` as ``(method, path, status)``; the
-    status is None when no answer was sent. Fault knobs, which may be changed
+    status is None when no answer was sent. ``connections`` counts the
+    connections accepted (kept-alive ones carry several requests). Fault knobs, which may be changed
     at any time:
 
     - ``read_only``: PUT and DELETE get 403.
@@ -4826,6 +4834,11 @@ class MediaServer:
     - ``fail_first``: answer 503 to this many requests (or ``{method:
       count}``), then act normally.
     - ``hang``: read the request, then never answer (until ``stop()``).
+    - ``lose_answers``: act on this many requests (or ``{method: count}``),
+      then never answer them (until ``stop()``): the request took effect,
+      its answer is lost. Logged with the status None.
+    - ``read_pause``: seconds between the 256 KiB blocks in which a request
+      body is read (a host that reads slowly).
     - ``trickle``: seconds between the bytes of the answer's body (answers
       that have none get a short text body).
     - ``reset_after``: read this many bytes of a PUT body, then reset the
@@ -4849,7 +4862,7 @@ class MediaServer:
     def __init__(self, root=None, host="127.0.0.1", port=0, read_only=False,
                  status=None, latency=0.0, fail_first=0, hang=False, trickle=0.0,
                  reset_after=None, require_collections=False, require_headers=None,
-                 listing=True):
+                 listing=True, lose_answers=0, read_pause=0.0):
         self.root = None if root is None else os.path.realpath(root)
         self.files = {} if root is None else None
         self.bind_host = host
@@ -4864,11 +4877,14 @@ class MediaServer:
         self.require_collections = require_collections
         self.require_headers = require_headers
         self.listing = listing
+        self.lose_answers = lose_answers
+        self.read_pause = read_pause
         # Collections (paths ending with "/") of the in-memory mode.
         self.collections = {"/"}
         self.mtimes = {}
         self._store = _MemoryStore(self) if root is None else _DirectoryStore(self.root)
         self.log = []
+        self.connections = 0
         self._server = None
         self._thread = None
         self._hub = None
@@ -4963,6 +4979,7 @@ class MediaServer:
             handler_class=_MediaRequestHandler,
             error_log=logging.getLogger("django_resto_gevent.server"),
         )
+        self._server.media_server = self  # for _MediaRequestHandler
         self._server.init_socket()
         self.port = self._server.server_port
         self._released = gevent.event.Event()
@@ -4978,14 +4995,14 @@ class MediaServer:
             _reset(environ["resto.socket"])
             return []
         if method in ("PUT", "PROPFIND"):
-            body = environ["wsgi.input"].read()
+            body = self._read_body(environ["wsgi.input"])
         if self.hang:
             self.log.append((method, path, None))
             self._released.wait()
             return []
         if self.latency:
             gevent.sleep(self.latency)
-        if self._take_failure(method):
+        if self._take("fail_first", method):
             status, payload = 503, b""
         elif self.require_headers and any(
                 environ.get("HTTP_" + key.upper().replace("-", "_")) != value
@@ -4994,6 +5011,10 @@ class MediaServer:
         else:
             depth = (environ.get("HTTP_DEPTH"),) if method == "PROPFIND" else ()
             status, payload = self._respond(method, path, body, *depth)
+        if self._take("lose_answers", method):
+            self.log.append((method, path, None))
+            self._released.wait()  # acted, but never answers (until stop)
+            return []
         self.log.append((method, path, status))
         reason = _REASONS.get(status, "Status")
         if self.trickle and not payload:
@@ -5011,17 +5032,31 @@ class MediaServer:
             return self._trickled(payload)
         return [payload]
 
-    def _take_failure(self, method):
-        """Tell whether ``fail_first`` says to answer this request with 503."""
-        if isinstance(self.fail_first, dict):
-            if self.fail_first.get(method, 0) > 0:
-                self.fail_first[method] -= 1
+    def _take(self, knob, method):
+        """Tell whether the counting knob ``knob`` (fail_first, lose_answers) takes this
+        request, and count it."""
+        count = getattr(self, knob)
+        if isinstance(count, dict):
+            if count.get(method, 0) > 0:
+                count[method] -= 1
                 return True
             return False
-        if self.fail_first > 0:
-            self.fail_first -= 1
+        if count > 0:
+            setattr(self, knob, count - 1)
             return True
         return False
+
+    def _read_body(self, stream):
+        """Read a request body whole, ``read_pause`` seconds between its blocks if set."""
+        if not self.read_pause:
+            return stream.read()
+        blocks = []
+        while True:
+            block = stream.read(256 * 1024)
+            if not block:
+                return b"".join(blocks)
+            blocks.append(block)
+            gevent.sleep(self.read_pause)  # the knob: a host that reads slowly
 
     def _trickled(self, payload):
         """Yield ``payload`` one byte at a time, ``trickle`` seconds apart."""
