@@ -208,6 +208,16 @@ NGINX_LISTING = """\
 """
 
 
+def stop_process(process, grace=10):
+    """Terminate ``process`` (one we started, by PID), kill it after ``grace`` seconds; wait."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def find_program(name):
     """Return the path of the program ``name`` (PATH, then the sbin folders), or None."""
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
@@ -371,12 +381,7 @@ class MediaHosts:
         """Stop the server (the process we started, by PID) and wait for it."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 class NginxHosts(MediaHosts):
@@ -634,11 +639,16 @@ def nginx_session(tmp_path_factory):
     hosts.stop()
 
 
+def emptied(hosts):
+    """Return a session's ``hosts``, emptied for the test that asks for them."""
+    hosts.clear()
+    return hosts
+
+
 @pytest.fixture
 def nginx_hosts(nginx_session):
     """The session's nginx hosts, emptied before the test."""
-    nginx_session.clear()
-    return nginx_session
+    return emptied(nginx_session)
 
 
 class Certificates:
@@ -714,8 +724,7 @@ def nginx_https_session(tmp_path_factory, certificates):
 @pytest.fixture
 def nginx_https(nginx_https_session):
     """The session's HTTPS nginx hosts, emptied before the test."""
-    nginx_https_session.clear()
-    return nginx_https_session
+    return emptied(nginx_https_session)
 
 
 @pytest.fixture(scope="session")
@@ -763,9 +772,7 @@ _WEBDAV_SESSIONS = {"nginx": "nginx_webdav_session", "apache": "apache_session",
 @pytest.fixture(params=list(_WEBDAV_SESSIONS))
 def webdav_hosts(request):
     """Each WebDAV server that needs parent collections (nginx, Apache, lighttpd), emptied."""
-    hosts = request.getfixturevalue(_WEBDAV_SESSIONS[request.param])
-    hosts.clear()
-    return hosts
+    return emptied(request.getfixturevalue(_WEBDAV_SESSIONS[request.param]))
 
 
 ###############################################################################
@@ -1008,12 +1015,7 @@ class SeaweedFS:
         if self.process.poll() is not None:
             self._remove_sockets()
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process, grace)
         self._remove_sockets()
 
     def _remove_sockets(self):
