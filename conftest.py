@@ -998,6 +998,8 @@ class SeaweedFS:
             if self.s3_request("PUT", path, body=b"ok").status == 200:
                 self.s3_request("DELETE", path)
                 return
+            # As at start: weed says nowhere that a new bucket is ready; a
+            # write that succeeds is the sign, tried again within the deadline.
             time.sleep(0.1)
         raise RuntimeError("bucket %s did not take a write within %d seconds"
                            % (bucket, timeout))
