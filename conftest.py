@@ -10,11 +10,13 @@ from gevent import monkey
 monkey.patch_all()
 
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pwd  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
+import ssl  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -133,6 +135,16 @@ def settle(storage):
         assert storage.join(timeout=30), "AsyncStorage.join() timed out"
 
 
+def idle_connections(address):
+    """Return the open connections this process keeps idle for the plain host ``address``.
+
+    urllib3 lists a pool's connections nowhere public: this is the one place
+    the tests look inside its pools.
+    """
+    pool = django_resto_gevent._pool_manager(1).connection_from_url("http://" + address)
+    return [c for c in pool.pool.queue if c is not None and c.sock is not None]
+
+
 @pytest.fixture(
     params=[(cls, count) for cls in STORAGE_CLASSES for count in (1, 2, 3)],
     ids=lambda param: "%s-%dhost" % (param[0].__name__, param[1]),
@@ -196,6 +208,16 @@ NGINX_LISTING = """\
 """
 
 
+def stop_process(process, grace=10):
+    """Terminate ``process`` (one we started, by PID), kill it after ``grace`` seconds; wait."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def find_program(name):
     """Return the path of the program ``name`` (PATH, then the sbin folders), or None."""
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
@@ -222,22 +244,55 @@ def _accepts(port):
     return True
 
 
-def _settled_lines(path, timeout=1.0):
-    """Return the lines of the log ``path`` once it stopped growing (bounded wait).
+# Requests for paths under this prefix mark a place in a host's access log;
+# requests() leaves them out. Each marker is numbered.
+_LOG_MARKER = "/.resto-log-marker/"
+_marker_numbers = itertools.count(1)
 
-    Servers write the access log line after the answer went out, so a
-    client may look before it is there: wait until two reads 25 ms apart
-    agree, for at most ``timeout`` seconds.
+
+def _ask_for_marker(entry, path, timeout=5.0):
+    """Ask the host ``entry`` for ``path`` and read the answer until the host closes.
+
+    ``entry`` is "host:port" or "https://host:port". The request says
+    ``Connection: close``: nginx and Apache write the log line before they
+    close, so the end of the connection comes after the line.
     """
+    scheme, _, address = entry.rpartition("://")
+    host, _, port = address.partition(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    if scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # only a marker, to a host of ours
+        sock = context.wrap_socket(sock)
+    with sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                     % (path.encode(), address.encode()))
+        while sock.recv(65536):
+            pass  # each receive is bounded by the socket's timeout
+
+
+def _logged_lines(entry, log_path, timeout=5.0):
+    """Return the lines of the access log ``log_path`` of host ``entry``, up to now.
+
+    Servers write an access log line after the answer went out, so a client
+    may look before it is there. A marker request is sent after everything
+    the test asked for, and the log is read until the marker's line is in it
+    (lighttpd's log reaches the file through a pipe, so it may lag a little);
+    marker lines are left out of what is returned.
+    """
+    marker = "%s%d-%d" % (_LOG_MARKER, os.getpid(), next(_marker_numbers))
+    _ask_for_marker(entry, marker)
     deadline = time.monotonic() + timeout
-    previous = None
     while True:
-        with open(path) as log:
-            text = log.read()
-        if text == previous or time.monotonic() > deadline:
-            return text.splitlines()
-        previous = text
-        time.sleep(0.025)
+        with open(log_path) as log:
+            lines = log.read().splitlines()
+        if any(marker in line for line in lines):
+            return [line for line in lines if _LOG_MARKER not in line]
+        if time.monotonic() > deadline:
+            raise AssertionError("the marker %s did not reach %s within %s seconds"
+                                 % (marker, log_path, timeout))
+        time.sleep(0.005)  # the marker's line is on its way through the pipe
 
 
 class MediaHosts:
@@ -277,7 +332,11 @@ class MediaHosts:
 
         Requests that shared a keep-alive connection share ``connection``.
         """
-        return [tuple(line.split()[:4]) for line in _settled_lines(self._log(index))]
+        return [tuple(line.split()[:4]) for line in self._logged_lines(index)]
+
+    def _logged_lines(self, index):
+        """Return the lines host ``index`` logged, all of them (see _logged_lines())."""
+        return _logged_lines(self.hosts[index], self._log(index))
 
     def clear(self):
         """Remove every file the hosts hold, and empty their request logs."""
@@ -322,12 +381,7 @@ class MediaHosts:
         """Stop the server (the process we started, by PID) and wait for it."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process)
 
 
 class NginxHosts(MediaHosts):
@@ -448,7 +502,7 @@ class ApacheHosts(MediaHosts):
         """Return the requests host ``index`` logged: (method, uri, status, connection)."""
         # "PUT /media/x HTTP/1.1 201 43210 0": drop the protocol.
         return [tuple(fields[:2] + fields[3:5])
-                for fields in (line.split() for line in _settled_lines(self._log(index)))]
+                for fields in (line.split() for line in self._logged_lines(index))]
 
     def __init__(self, directory, count=3, user="www-data"):
         super().__init__(directory, count)
@@ -585,11 +639,16 @@ def nginx_session(tmp_path_factory):
     hosts.stop()
 
 
+def emptied(hosts):
+    """Return a session's ``hosts``, emptied for the test that asks for them."""
+    hosts.clear()
+    return hosts
+
+
 @pytest.fixture
 def nginx_hosts(nginx_session):
     """The session's nginx hosts, emptied before the test."""
-    nginx_session.clear()
-    return nginx_session
+    return emptied(nginx_session)
 
 
 class Certificates:
@@ -665,8 +724,7 @@ def nginx_https_session(tmp_path_factory, certificates):
 @pytest.fixture
 def nginx_https(nginx_https_session):
     """The session's HTTPS nginx hosts, emptied before the test."""
-    nginx_https_session.clear()
-    return nginx_https_session
+    return emptied(nginx_https_session)
 
 
 @pytest.fixture(scope="session")
@@ -714,9 +772,7 @@ _WEBDAV_SESSIONS = {"nginx": "nginx_webdav_session", "apache": "apache_session",
 @pytest.fixture(params=list(_WEBDAV_SESSIONS))
 def webdav_hosts(request):
     """Each WebDAV server that needs parent collections (nginx, Apache, lighttpd), emptied."""
-    hosts = request.getfixturevalue(_WEBDAV_SESSIONS[request.param])
-    hosts.clear()
-    return hosts
+    return emptied(request.getfixturevalue(_WEBDAV_SESSIONS[request.param]))
 
 
 ###############################################################################
@@ -786,12 +842,20 @@ class SeaweedFS:
         raise RuntimeError("weed did not start: see %s/weed.log" % self.directory)
 
     def _start_once(self, weed, timeout):
-        """Write the S3 identities, start weed, wait until filer and S3 serve writes."""
+        """Start weed on new ports; wait until filer and S3 serve writes.
+
+        Returns False if weed exited (most likely a port was taken meanwhile).
+        """
         names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
                  "s3", "s3_grpc"]
         self.ports = dict(zip(names, (_free_port() for _ in names), strict=True))
-        data = os.path.join(self.directory, "data")
-        os.makedirs(data, exist_ok=True)
+        config = self._write_configuration()
+        self._launch(self._command(weed, config))
+        return self._wait_until_serving(timeout)
+
+    def _write_configuration(self):
+        """Write the S3 identities and master.toml; return the identities' path."""
+        os.makedirs(os.path.join(self.directory, "data"), exist_ok=True)
         config = os.path.join(self.directory, "s3.json")
         identities = {"identities": [{
             "name": "resto",
@@ -804,11 +868,15 @@ class SeaweedFS:
         # per collection at a time, not seven.
         with open(os.path.join(self.directory, "master.toml"), "w") as output:
             output.write("[master.volume_growth]\ncopy_1 = 2\ncopy_other = 1\n")
+        return config
+
+    def _command(self, weed, config):
+        """Return the ``weed server`` command line for our ports and directory."""
         ports = self.ports
-        command = [
+        return [
             weed, "server",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-dir=%s" % data,
+            "-dir=%s" % os.path.join(self.directory, "data"),
             "-master.port=%d" % ports["master"], "-master.port.grpc=%d" % ports["master_grpc"],
             # Opt out of the anonymous usage report (it would leave the machine).
             "-master.telemetry=false",
@@ -828,6 +896,9 @@ class SeaweedFS:
             # Neither the Iceberg nor the Lance endpoint is wanted; both have fixed ports.
             "-s3.port.iceberg=0", "-s3.port.lance=0",
         ] + self.options
+
+    def _launch(self, command):
+        """Start ``command`` in our directory, its output appended to weed.log."""
         # weed puts gRPC Unix sockets in /tmp whatever $TMPDIR says, but its
         # log files follow $TMPDIR: keep those in our directory.
         environment = dict(os.environ, TMPDIR=self.directory)
@@ -838,6 +909,9 @@ class SeaweedFS:
                 command, cwd=self.directory, env=environment, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT,
             )
+
+    def _wait_until_serving(self, timeout):
+        """Wait until filer and S3 gateway serve a write: True; False if weed exited."""
         began = time.monotonic()
         deadline = began + timeout
         self.accept_seconds = None
@@ -845,10 +919,13 @@ class SeaweedFS:
             if self.process.poll() is not None:
                 self._remove_sockets()
                 return False  # weed exited: most likely a port was taken
-            if self.accept_seconds is None and _accepts(ports["filer"]) and _accepts(ports["s3"]):
+            if (self.accept_seconds is None and _accepts(self.ports["filer"])
+                    and _accepts(self.ports["s3"])):
                 self.accept_seconds = time.monotonic() - began
             if self.accept_seconds is not None and self._serves():
                 return True
+            # weed says nowhere that it is ready: a write that completes is
+            # the only sign, so it is tried again, bounded by the deadline.
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("weed did not serve writes within %d seconds" % timeout)
@@ -921,6 +998,8 @@ class SeaweedFS:
             if self.s3_request("PUT", path, body=b"ok").status == 200:
                 self.s3_request("DELETE", path)
                 return
+            # As at start: weed says nowhere that a new bucket is ready; a
+            # write that succeeds is the sign, tried again within the deadline.
             time.sleep(0.1)
         raise RuntimeError("bucket %s did not take a write within %d seconds"
                            % (bucket, timeout))
@@ -938,12 +1017,7 @@ class SeaweedFS:
         if self.process.poll() is not None:
             self._remove_sockets()
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        stop_process(self.process, grace)
         self._remove_sockets()
 
     def _remove_sockets(self):
@@ -1036,7 +1110,7 @@ class _Proxy(LoopbackServer):
                 if not chunk:
                     return
                 if self.delay:
-                    gevent.sleep(self.delay)
+                    gevent.sleep(self.delay)  # the fault: a slow link
                 destination.sendall(chunk)
         except OSError:
             return
@@ -1233,6 +1307,8 @@ def _read_raw_request(sock, buffer):
 
 def _send_raw_answer(sock, answer):
     """Send ``answer`` (a RawAnswer) as it says."""
+    # The delay and the pauses are the fault this host injects (a slow host,
+    # an answer in slow segments), not a wait for other work.
     if answer.delay:
         time.sleep(answer.delay)
     offset = 0

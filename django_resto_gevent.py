@@ -4052,6 +4052,15 @@ class _ReplicationMixin:
             raise ReplicationError(action, name, failures, len(results)) from failures[0][1]
         return results
 
+    def _dispatch(self, func, name, *args, action=None):
+        """Hand a write or delete of ``name`` to every media host, as this storage does.
+
+        Here through ``execute()``, before returning; AsyncStorage schedules
+        it instead. Saves and deletes call this, never ``execute()`` itself,
+        so that ``execute()`` keeps one contract in every storage.
+        """
+        self.execute(func, name, *args, action=action)
+
     def _quorum_failed(self, action, name, results):
         """Undo a save of a new file that failed its quorum, so that nothing is left behind.
 
@@ -4184,7 +4193,7 @@ class _LocalReadsMixin(_ReplicationMixin):
         """Delete ``name`` locally, then on every media host."""
         name = _check_name_to_delete(name)
         super().delete(name)
-        self.execute(self.transport.delete, name)
+        self._dispatch(self.transport.delete, name)
 
     def exists(self, name):
         """Tell whether ``name`` exists in the master copy."""
@@ -4285,8 +4294,8 @@ class HybridStorage(_LocalReadsMixin, FileSystemStorage):
         # their own positions (a small one once, into memory).
         with open(self.path(name), "rb") as local_file, \
                 _Payload(File(local_file)) as payload:
-            self.execute(self._put_payload, name, payload, overwrite, object_headers,
-                         action="write" if overwrite else "create")
+            self._dispatch(self._put_payload, name, payload, overwrite, object_headers,
+                           action="write" if overwrite else "create")
 
 
 @deconstructible(path="django_resto_gevent.AsyncStorage")
@@ -4299,19 +4308,21 @@ class AsyncStorage(_LocalReadsMixin, FileSystemStorage):
     ``save()`` and ``delete()`` wait for room, then raise BacklogError.
     ``join()`` waits for pending replications; they are also flushed at
     exit. Override ``execute_one`` to hand replication to a task queue.
+    ``execute()`` runs in the foreground and returns the per-host results,
+    as in the other storages; saves and deletes do not call it.
     """
 
     def _replicate(self, name, overwrite, object_headers):
-        self.execute(self._put_local_file, name, overwrite, object_headers,
-                     action="write" if overwrite else "create")
+        self._dispatch(self._put_local_file, name, overwrite, object_headers,
+                       action="write" if overwrite else "create")
 
     @property
     def async_max_pending(self):
         """How many host operations may wait in the background at once."""
         return self._option("async_max_pending")
 
-    def execute(self, func, name, *args, action=None):
-        """Schedule ``func(host, name, *args)`` for every host; return at once."""
+    def _dispatch(self, func, name, *args, action=None):
+        """Schedule ``func(host, name, *args)`` on every host (execute_one); return at once."""
         for host in self.hosts:
             self.execute_one(func, host, name, *args, action=action)
 
@@ -4414,16 +4425,16 @@ class DistributedStorage(_ReplicationMixin, Storage):
         overwrite = self.allow_overwrite
         object_headers = self.transport.object_headers(name)  # checked before any request
         with _Payload(content) as payload:
-            self.execute(self._put_payload, name, payload, overwrite, object_headers,
-                         action="write" if overwrite else "create")
+            self._dispatch(self._put_payload, name, payload, overwrite, object_headers,
+                           action="write" if overwrite else "create")
         return name
 
     def _commit_write(self, name, spool):
         """PUT what was written through open() to every host, as an overwrite."""
         object_headers = self.transport.object_headers(name)  # checked before any request
         with _Payload(File(spool)) as payload:
-            self.execute(self._put_payload, name, payload, True, object_headers,
-                         action="write")
+            self._dispatch(self._put_payload, name, payload, True, object_headers,
+                           action="write")
 
     def _copy_current(self, name, spool):
         """Copy ``name`` from the first host that has it into ``spool`` (to append to it)."""
@@ -4456,7 +4467,7 @@ class DistributedStorage(_ReplicationMixin, Storage):
 
     def delete(self, name):
         """Delete ``name`` on every media host."""
-        self.execute(self.transport.delete, _check_name_to_delete(name))
+        self._dispatch(self.transport.delete, _check_name_to_delete(name))
 
     def exists(self, name):
         """Tell whether any media host has ``name`` (all are asked at once).
@@ -4619,7 +4630,14 @@ def _multistatus(resources):
 
 
 class _MediaRequestHandler(gevent.pywsgi.WSGIHandler):
-    """gevent's WSGI handler, handing the connection's socket to the application."""
+    """gevent's WSGI handler, handing the connection's socket to the application.
+
+    One handler serves one connection: it counts them in the MediaServer.
+    """
+
+    def handle(self):
+        self.server.media_server.connections += 1
+        return super().handle()
 
     def get_environ(self):
         environ = super().get_environ()
@@ -4641,6 +4659,166 @@ _REASONS = {
 }
 
 
+# A MediaServer keeps its files in one of two stores with the same small
+# interface; the WebDAV rules are written once, in MediaServer._act.
+class _MemoryStore:
+    """Where a MediaServer without ``root`` keeps files: in memory.
+
+    In the server's ``files``, ``collections`` and ``mtimes``, read from the
+    server at each call (a test may replace them).
+    """
+
+    def __init__(self, server):
+        self.server = server
+
+    def confines(self, path):
+        """Tell whether ``path`` may be served (any path may: there is nothing else)."""
+        return True
+
+    def is_file(self, path):
+        """Tell whether a file is at ``path``."""
+        return path in self.server.files
+
+    def holds(self, path):
+        """Tell whether anything, file or collection, is at ``path``."""
+        return (path.rstrip("/") + "/" in self.server.collections
+                or path.rstrip("/") in self.server.files)
+
+    def has_parent(self, path):
+        """Tell whether the collection that would hold ``path`` exists."""
+        return path.rstrip("/").rpartition("/")[0] + "/" in self.server.collections
+
+    def make_collection(self, path):
+        """Create the collection ``path``."""
+        self.server.collections.add(path.rstrip("/") + "/")
+
+    def make_parents(self, path):
+        """Create every collection above ``path``."""
+        self.server.collections.update(_collection_paths(path))
+
+    def write(self, path, body):
+        """Store ``body`` as the file at ``path``."""
+        self.server.files[path] = body
+        self.server.mtimes[path] = time.time()
+
+    def remove(self, path):
+        """Remove the file at ``path``."""
+        del self.server.files[path]
+        self.server.mtimes.pop(path, None)
+
+    def read(self, path):
+        """Return the bytes of the file at ``path``."""
+        return self.server.files[path]
+
+    def mtime(self, path):
+        """Return when the file at ``path`` was last written, or None."""
+        return self.server.mtimes.get(path)
+
+    def resources(self, path, children):
+        """MediaServer._resources() of the ``files`` dict and its collections."""
+        files, mtimes = self.server.files, self.server.mtimes
+        if path in files:
+            return [(path, False, len(files[path]), mtimes.get(path))]
+        directory = path if path.endswith("/") else path + "/"
+        held = {}
+        for name in list(files) + list(self.server.collections):
+            if name.startswith(directory) and name != directory:
+                child, slash, _ = name[len(directory):].partition("/")
+                held[child] = held.get(child, False) or bool(slash)
+        if directory not in self.server.collections and not held:
+            return None
+        found = [(directory, True, None, None)]
+        if children:
+            for child, is_dir in sorted(held.items()):
+                name = directory + child
+                found.append((name + "/", True, None, None) if is_dir
+                             else (name, False, len(files[name]), mtimes.get(name)))
+        return found
+
+
+class _DirectoryStore:
+    """Where a MediaServer with ``root`` keeps files: that directory, and nothing outside it."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def _target(self, path):
+        """Return the real path on disk of the request path ``path``."""
+        return os.path.realpath(os.path.join(self.root, path.lstrip("/")))
+
+    def confines(self, path):
+        """Tell whether ``path`` stays inside the root (else it gets 403)."""
+        return "\x00" not in path and self._target(path).startswith(self.root + os.sep)
+
+    def is_file(self, path):
+        """Tell whether a file is at ``path``."""
+        return os.path.isfile(self._target(path))
+
+    def holds(self, path):
+        """Tell whether anything, file or directory, is at ``path``."""
+        return os.path.exists(self._target(path))
+
+    def has_parent(self, path):
+        """Tell whether the directory that would hold ``path`` exists."""
+        return os.path.isdir(os.path.dirname(self._target(path)))
+
+    def make_collection(self, path):
+        """Create the directory ``path``."""
+        os.mkdir(self._target(path))
+
+    def make_parents(self, path):
+        """Create every directory above ``path``."""
+        os.makedirs(os.path.dirname(self._target(path)), exist_ok=True)
+
+    def write(self, path, body):
+        """Store ``body`` at ``path``: written beside it, then renamed over it."""
+        target = self._target(path)
+        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".put-")
+        with os.fdopen(handle, "wb") as output:
+            output.write(body)
+        os.replace(temporary, target)
+
+    def remove(self, path):
+        """Remove the file at ``path``."""
+        os.remove(self._target(path))
+
+    def read(self, path):
+        """Return the bytes of the file at ``path``."""
+        with open(self._target(path), "rb") as stored:
+            return stored.read()
+
+    def mtime(self, path):
+        """Return when the file at ``path`` was last written, or None."""
+        try:
+            return os.stat(os.path.join(self.root, path.lstrip("/"))).st_mtime
+        except (OSError, ValueError):
+            return None
+
+    def resources(self, path, children):
+        """MediaServer._resources() of the directory (None outside the root)."""
+        target = self._target(path)
+        if "\x00" in path or not (target + os.sep).startswith(self.root + os.sep):
+            return None
+        try:
+            info = os.stat(target)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(info.st_mode):
+            return [(path, False, info.st_size, info.st_mtime)]
+        directory = path if path.endswith("/") else path + "/"
+        found = [(directory, True, None, info.st_mtime)]
+        if children:
+            with os.scandir(target) as scan:
+                for entry in scan:
+                    if entry.name.startswith(".put-"):
+                        continue  # an upload on its way
+                    held = entry.stat()
+                    is_dir = stat.S_ISDIR(held.st_mode)
+                    found.append((directory + entry.name + ("/" if is_dir else ""), is_dir,
+                                  None if is_dir else held.st_size, held.st_mtime))
+        return found
+
+
 class MediaServer:
     """An HTTP media server for tests: GET, HEAD, PUT and DELETE, in process.
 
@@ -4650,7 +4828,8 @@ class MediaServer:
     Paths are the decoded request paths, e.g. ``"/media/a b.txt"``.
 
     Every request is recorded in ``log`` as ``(method, path, status)``; the
-    status is None when no answer was sent. Fault knobs, which may be changed
+    status is None when no answer was sent. ``connections`` counts the
+    connections accepted (kept-alive ones carry several requests). Fault knobs, which may be changed
     at any time:
 
     - ``read_only``: PUT and DELETE get 403.
@@ -4659,6 +4838,11 @@ class MediaServer:
     - ``fail_first``: answer 503 to this many requests (or ``{method:
       count}``), then act normally.
     - ``hang``: read the request, then never answer (until ``stop()``).
+    - ``lose_answers``: act on this many requests (or ``{method: count}``),
+      then never answer them (until ``stop()``): the request took effect,
+      its answer is lost. Logged with the status None.
+    - ``read_pause``: seconds between the 256 KiB blocks in which a request
+      body is read (a host that reads slowly).
     - ``trickle``: seconds between the bytes of the answer's body (answers
       that have none get a short text body).
     - ``reset_after``: read this many bytes of a PUT body, then reset the
@@ -4682,7 +4866,7 @@ class MediaServer:
     def __init__(self, root=None, host="127.0.0.1", port=0, read_only=False,
                  status=None, latency=0.0, fail_first=0, hang=False, trickle=0.0,
                  reset_after=None, require_collections=False, require_headers=None,
-                 listing=True):
+                 listing=True, lose_answers=0, read_pause=0.0):
         self.root = None if root is None else os.path.realpath(root)
         self.files = {} if root is None else None
         self.bind_host = host
@@ -4697,10 +4881,14 @@ class MediaServer:
         self.require_collections = require_collections
         self.require_headers = require_headers
         self.listing = listing
+        self.lose_answers = lose_answers
+        self.read_pause = read_pause
         # Collections (paths ending with "/") of the in-memory mode.
         self.collections = {"/"}
         self.mtimes = {}
+        self._store = _MemoryStore(self) if root is None else _DirectoryStore(self.root)
         self.log = []
+        self.connections = 0
         self._server = None
         self._thread = None
         self._hub = None
@@ -4795,6 +4983,7 @@ class MediaServer:
             handler_class=_MediaRequestHandler,
             error_log=logging.getLogger("django_resto_gevent.server"),
         )
+        self._server.media_server = self  # for _MediaRequestHandler
         self._server.init_socket()
         self.port = self._server.server_port
         self._released = gevent.event.Event()
@@ -4810,14 +4999,14 @@ class MediaServer:
             _reset(environ["resto.socket"])
             return []
         if method in ("PUT", "PROPFIND"):
-            body = environ["wsgi.input"].read()
+            body = self._read_body(environ["wsgi.input"])
         if self.hang:
             self.log.append((method, path, None))
             self._released.wait()
             return []
         if self.latency:
             gevent.sleep(self.latency)
-        if self._take_failure(method):
+        if self._take("fail_first", method):
             status, payload = 503, b""
         elif self.require_headers and any(
                 environ.get("HTTP_" + key.upper().replace("-", "_")) != value
@@ -4826,6 +5015,10 @@ class MediaServer:
         else:
             depth = (environ.get("HTTP_DEPTH"),) if method == "PROPFIND" else ()
             status, payload = self._respond(method, path, body, *depth)
+        if self._take("lose_answers", method):
+            self.log.append((method, path, None))
+            self._released.wait()  # acted, but never answers (until stop)
+            return []
         self.log.append((method, path, status))
         reason = _REASONS.get(status, "Status")
         if self.trickle and not payload:
@@ -4843,17 +5036,31 @@ class MediaServer:
             return self._trickled(payload)
         return [payload]
 
-    def _take_failure(self, method):
-        """Tell whether ``fail_first`` says to answer this request with 503."""
-        if isinstance(self.fail_first, dict):
-            if self.fail_first.get(method, 0) > 0:
-                self.fail_first[method] -= 1
+    def _take(self, knob, method):
+        """Tell whether the counting knob ``knob`` (fail_first, lose_answers) takes this
+        request, and count it."""
+        count = getattr(self, knob)
+        if isinstance(count, dict):
+            if count.get(method, 0) > 0:
+                count[method] -= 1
                 return True
             return False
-        if self.fail_first > 0:
-            self.fail_first -= 1
+        if count > 0:
+            setattr(self, knob, count - 1)
             return True
         return False
+
+    def _read_body(self, stream):
+        """Read a request body whole, ``read_pause`` seconds between its blocks if set."""
+        if not self.read_pause:
+            return stream.read()
+        blocks = []
+        while True:
+            block = stream.read(256 * 1024)
+            if not block:
+                return b"".join(blocks)
+            blocks.append(block)
+            gevent.sleep(self.read_pause)  # the knob: a host that reads slowly
 
     def _trickled(self, payload):
         """Yield ``payload`` one byte at a time, ``trickle`` seconds apart."""
@@ -4877,124 +5084,47 @@ class MediaServer:
             return 405, b""
         if method in ("GET", "HEAD") and path.endswith("/"):
             return 403, b""  # no directory listing here, as nginx without autoindex
-        if self.files is not None:
-            return self._respond_from_memory(method, path, body)
-        return self._respond_from_directory(method, path, body)
+        return self._act(method, path, body)
 
     def _mtime(self, path):
         """Return when the file at ``path`` was last written, or None."""
-        if self.files is not None:
-            return self.mtimes.get(path)
-        try:
-            return os.stat(os.path.join(self.root, path.lstrip("/"))).st_mtime
-        except (OSError, ValueError):
-            return None
+        return self._store.mtime(path)
 
     def _resources(self, path, children):
         """Return (path, is_dir, size, mtime) of ``path`` and, with ``children``, of
         what it holds; None when nothing is there."""
-        if self.files is not None:
-            return self._resources_in_memory(path, children)
-        target = os.path.realpath(os.path.join(self.root, path.lstrip("/")))
-        if "\x00" in path or not (target + os.sep).startswith(self.root + os.sep):
-            return None
-        try:
-            info = os.stat(target)
-        except OSError:
-            return None
-        if not stat.S_ISDIR(info.st_mode):
-            return [(path, False, info.st_size, info.st_mtime)]
-        directory = path if path.endswith("/") else path + "/"
-        found = [(directory, True, None, info.st_mtime)]
-        if children:
-            with os.scandir(target) as scan:
-                for entry in scan:
-                    if entry.name.startswith(".put-"):
-                        continue  # an upload on its way
-                    held = entry.stat()
-                    is_dir = stat.S_ISDIR(held.st_mode)
-                    found.append((directory + entry.name + ("/" if is_dir else ""), is_dir,
-                                  None if is_dir else held.st_size, held.st_mtime))
-        return found
+        return self._store.resources(path, children)
 
-    def _resources_in_memory(self, path, children):
-        """_resources() of the ``files`` dict and its collections."""
-        if path in self.files:
-            return [(path, False, len(self.files[path]), self.mtimes.get(path))]
-        directory = path if path.endswith("/") else path + "/"
-        held = {}
-        for name in list(self.files) + list(self.collections):
-            if name.startswith(directory) and name != directory:
-                child, slash, _ = name[len(directory):].partition("/")
-                held[child] = held.get(child, False) or bool(slash)
-        if directory not in self.collections and not held:
-            return None
-        found = [(directory, True, None, None)]
-        if children:
-            for child, is_dir in sorted(held.items()):
-                name = directory + child
-                found.append((name + "/", True, None, None) if is_dir
-                             else (name, False, len(self.files[name]), self.mtimes.get(name)))
-        return found
+    def _act(self, method, path, body):
+        """Answer GET, HEAD, PUT, DELETE or MKCOL as a WebDAV server does; return (status, body).
 
-    def _respond_from_memory(self, method, path, body):
-        """Serve from the ``files`` dict."""
-        exists = path in self.files
-        parent = path.rstrip("/").rpartition("/")[0] + "/"
+        Where the files are kept (memory or a directory) is the store's
+        business; the rules are the same for both.
+        """
+        store = self._store
+        if not store.confines(path):
+            return 403, b""
         if method == "MKCOL":
-            collection = path.rstrip("/") + "/"
-            if collection in self.collections or path.rstrip("/") in self.files:
+            if store.holds(path):
                 return 405, b""
-            if parent not in self.collections:
+            if not store.has_parent(path):
                 return 409, b""
-            self.collections.add(collection)
+            store.make_collection(path)
             return 201, b""
+        exists = store.is_file(path)
         if method == "PUT":
-            if parent not in self.collections:
+            if not store.has_parent(path):
                 if self.require_collections:
                     return 409, b""
-                # Like nginx's create_full_put_path: make every parent.
-                self.collections.update(_collection_paths(path))
-            self.files[path] = body
-            self.mtimes[path] = time.time()
+                store.make_parents(path)  # like nginx's create_full_put_path
+            store.write(path, body)
             return (204 if exists else 201), b""
         if not exists:
             return 404, b""
         if method == "DELETE":
-            del self.files[path]
-            self.mtimes.pop(path, None)
+            store.remove(path)
             return 204, b""
-        return 200, self.files[path]
-
-    def _respond_from_directory(self, method, path, body):
-        """Serve from the ``root`` directory, confined to it."""
-        target = os.path.realpath(os.path.join(self.root, path.lstrip("/")))
-        if "\x00" in path or not target.startswith(self.root + os.sep):
-            return 403, b""
-        exists = os.path.isfile(target)
-        if method == "MKCOL":
-            if os.path.exists(target):
-                return 405, b""
-            if not os.path.isdir(os.path.dirname(target)):
-                return 409, b""
-            os.mkdir(target)
-            return 201, b""
-        if method == "PUT":
-            if self.require_collections and not os.path.isdir(os.path.dirname(target)):
-                return 409, b""
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".put-")
-            with os.fdopen(handle, "wb") as output:
-                output.write(body)
-            os.replace(temporary, target)
-            return (204 if exists else 201), b""
-        if not exists:
-            return 404, b""
-        if method == "DELETE":
-            os.remove(target)
-            return 204, b""
-        with open(target, "rb") as stored:
-            return 200, stored.read()
+        return 200, store.read(path)
 
 
 ###############################################################################
