@@ -162,7 +162,7 @@ def replicated(request, media_servers, tmp_path):
 ###############################################################################
 
 _NGINX_CONFIG = """\
-daemon off;
+{modules}daemon off;
 master_process on;
 worker_processes 1;
 pid {prefix}/nginx.pid;
@@ -198,7 +198,7 @@ _NGINX_SERVER = """\
 
 # What README.rst tells nginx users to add for sync: JSON directory listings,
 # for the app servers only (here the loopback).
-NGINX_LISTING = """\
+NGINX_JSON_LISTING = """\
             location ~ /$ {
                 autoindex on;
                 autoindex_format json;
@@ -206,6 +206,11 @@ NGINX_LISTING = """\
                 deny all;
             }
 """
+
+# Or, with Debian's libnginx-mod-http-dav-ext, WebDAV listings (PROPFIND;
+# README puts them under the writes' limit_except).
+NGINX_DAV_EXT_MODULE = "/usr/lib/nginx/modules/ngx_http_dav_ext_module.so"
+NGINX_DAV_EXT_LISTING = "            dav_ext_methods PROPFIND OPTIONS;\n"
 
 
 def stop_process(process, grace=10):
@@ -391,14 +396,15 @@ class NginxHosts(MediaHosts):
     password file that every request must satisfy (Basic auth); ``webdav``
     True makes the hosts behave like RFC 4918 servers: no
     ``create_full_put_path``, ``MKCOL`` allowed; ``max_body_size`` is
-    nginx's ``client_max_body_size`` ("0": no limit); ``listing`` True adds
-    the JSON autoindex that sync reads (``NGINX_LISTING``).
+    nginx's ``client_max_body_size`` ("0": no limit); ``listing`` "json"
+    adds the JSON autoindex that sync reads (``NGINX_JSON_LISTING``), "dav-ext"
+    the PROPFIND of the dav-ext module (``NGINX_DAV_EXT_LISTING``).
     """
 
     name = "nginx"
 
     def __init__(self, directory, count=3, tls=None, htpasswd=None, webdav=False,
-                 max_body_size="0", listing=False):
+                 max_body_size="0", listing=None):
         super().__init__(directory, count)
         self.listing = listing
         self.tls = tls
@@ -424,7 +430,9 @@ class NginxHosts(MediaHosts):
             port=port, root=root, ssl=" ssl" if self.tls else "", tls=tls, auth=auth,
             dav_methods="PUT DELETE MKCOL" if self.webdav else "PUT DELETE",
             create_full_put_path="off" if self.webdav else "on",
-            max_body_size=self.max_body_size, listing=NGINX_LISTING if self.listing else "",
+            max_body_size=self.max_body_size,
+            listing={None: "", "json": NGINX_JSON_LISTING,
+                     "dav-ext": NGINX_DAV_EXT_LISTING}[self.listing],
         )
 
     def _prepare(self, binary):
@@ -436,7 +444,10 @@ class NginxHosts(MediaHosts):
         user = "user root;" if os.geteuid() == 0 else ""
         config = os.path.join(self.directory, "nginx.conf")
         with open(config, "w") as output:
-            output.write(_NGINX_CONFIG.format(prefix=self.directory, user=user, servers=servers))
+            output.write(_NGINX_CONFIG.format(
+                prefix=self.directory, user=user, servers=servers,
+                modules="load_module %s;\n" % NGINX_DAV_EXT_MODULE
+                if self.listing == "dav-ext" else ""))
         return [binary, "-p", self.directory, "-c", config, "-e",
                 self.directory + "/error.log"]
 
@@ -730,7 +741,18 @@ def nginx_https(nginx_https_session):
 @pytest.fixture(scope="session")
 def nginx_listing_session(tmp_path_factory):
     """Start one nginx with three hosts that list directories as JSON (autoindex)."""
-    hosts = start_nginx(tmp_path_factory, listing=True)
+    hosts = start_nginx(tmp_path_factory, listing="json")
+    yield hosts
+    hosts.stop()
+
+
+@pytest.fixture(scope="session")
+def nginx_dav_ext_session(tmp_path_factory):
+    """Start one nginx with three hosts that list directories with PROPFIND (dav-ext)."""
+    if not os.path.exists(NGINX_DAV_EXT_MODULE):
+        missing("nginx's dav-ext module is not installed (apt-get install "
+                "libnginx-mod-http-dav-ext)")
+    hosts = start_nginx(tmp_path_factory, listing="dav-ext")
     yield hosts
     hosts.stop()
 

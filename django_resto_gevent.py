@@ -5749,14 +5749,6 @@ class _MasterSync(_Sync):
         host_dirs = {entry.name for entry in entries if entry.is_dir}
         orphans = []
         index = 0
-        if self.transport._host(host).dialect == "json":
-            # nginx's autoindex leaves out names that start with a dot: ask
-            # about those one by one.
-            for entry in files:
-                if entry.name.startswith("."):
-                    yield self._check_by_head, host, _join(directory, entry.name), entry
-            files = [entry for entry in files if not entry.name.startswith(".")]
-            host_files = [entry for entry in host_files if not entry.name.startswith(".")]
         counts = dict.fromkeys(("same", "size", "stale", "missing"), 0)
         for entry in files:
             while index < len(host_files) and host_files[index].name < entry.name:
@@ -5779,6 +5771,10 @@ class _MasterSync(_Sync):
                 self._failed(host, _join(directory, entry.name), RestoError(
                     "the host has a directory where the master copy has a file: remove "
                     "it by hand"))
+            elif entry.name.startswith("."):
+                # nginx lists no name that starts with a dot (autoindex and
+                # dav-ext alike): ask the host itself before calling it missing.
+                yield self._check_by_head, host, _join(directory, entry.name), entry
             else:
                 counts["missing"] += 1
                 if not self.dry_run:

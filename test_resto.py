@@ -6190,7 +6190,7 @@ class SyncHost:
         os.utime(path, (when, when))
 
 
-SYNC_HOST_KINDS = ["nginx", "apache", "lighttpd", "filer", "s3"]
+SYNC_HOST_KINDS = ["nginx", "nginx-dav-ext", "apache", "lighttpd", "filer", "s3"]
 
 
 @pytest.fixture(params=SYNC_HOST_KINDS)
@@ -6204,6 +6204,7 @@ def sync_host(request):
             return SyncHost(kind, seaweed.filer_host, base, seaweed=seaweed)
         return SyncHost(kind, s3_host(seaweed), base, s3_options(seaweed), seaweed=seaweed)
     session = request.getfixturevalue({"nginx": "nginx_listing_session",
+                                       "nginx-dav-ext": "nginx_dav_ext_session",
                                        "apache": "apache_session",
                                        "lighttpd": "lighttpd_session"}[kind])
     session.clear()
@@ -6228,7 +6229,9 @@ def wait_past(moment):
     raise AssertionError("the clock did not pass %r" % moment)
 
 
-SYNC_KEPT = {"keep.txt": b"kept", "dir/sub/deep.txt": b"deep", "caf\u00e9 x/d.txt": b"delta"}
+# A name that starts with a dot is one nginx lists in no way: asked with HEAD.
+SYNC_KEPT = {"keep.txt": b"kept", "dir/sub/deep.txt": b"deep", "caf\u00e9 x/d.txt": b"delta",
+             "dir/.dotkept.txt": b"dot kept"}
 
 
 def test_sync_finds_and_repairs_every_divergence(sync_host, tmp_path, capsys, caplog):
@@ -6245,6 +6248,7 @@ def test_sync_finds_and_repairs_every_divergence(sync_host, tmp_path, capsys, ca
     if not host.can_age():
         host.put("stale.txt", b"old text")
     master_files = dict(SYNC_KEPT, **{"missing.txt": b"never reached the host",
+                                      ".dotmissing.txt": b"a dot file the host lacks",
                                       "size.txt": b"longer than the host's",
                                       "corrupt.txt": b"original", "stale.txt": b"new text"})
     write_master(master, master_files)
@@ -6275,18 +6279,18 @@ def test_sync_finds_and_repairs_every_divergence(sync_host, tmp_path, capsys, ca
         row = sync_table(out)[host.entry]
         assert row["dirs"] >= 4, out  # listed, not checked file by file
         assert (row["missing"], row["size"], row["stale"], row["orphans"], row["same"],
-                row["content"]) == (1, 1, 1, 2, 4, 0), out
+                row["content"]) == (2, 1, 1, 2, 5, 0), out
         assert ", compared by size and modification time; content not compared: use " \
                "--checksum. " in out.splitlines()[-1]
         status, out, _ = run_main(capsys, *argv, "--dry-run", "--checksum")
         assert status == 1, out
         row = sync_table(out)[host.entry]
-        assert (row["content"], row["same"]) == (1, 3), out
+        assert (row["content"], row["same"]) == (1, 4), out
         assert host.read("orphan.txt") is not None  # a dry run changes nothing
         status, out, _ = run_main(capsys, *argv, "--checksum", "--delete")
         assert status == 0, out
         row = sync_table(out)[host.entry]
-        assert (row["uploaded"], row["deleted"]) == (4, 2), out
+        assert (row["uploaded"], row["deleted"]) == (5, 2), out
         for name, data in master_files.items():
             assert host.read(name) == data, name
         assert host.read("orphan.txt") is None
@@ -6296,6 +6300,37 @@ def test_sync_finds_and_repairs_every_divergence(sync_host, tmp_path, capsys, ca
     assert out.splitlines()[-1].endswith(
         "Every host matches the master copy; nothing was changed."), out
     assert resto_records(caplog) == []
+
+
+def test_heal_asks_a_host_that_cannot_list_with_head(nginx_listing_session, nginx_hosts,
+                                                     capsys, caplog):
+    nginx_listing_session.clear()
+    base = "media/blind%s/" % os.urandom(3).hex()
+    listing = SyncHost("nginx", nginx_listing_session.hosts[0], base,
+                       disk=nginx_listing_session.roots[0])
+    blind = SyncHost("nginx", nginx_hosts.hosts[0], base, disk=nginx_hosts.roots[0])
+    listing.put("lost-on-blind.txt", b"alpha")
+    listing.put("dir/both.txt", b"older")
+    blind.put("dir/both.txt", b"the newer copy")
+    listing.age("dir/both.txt", 3600)
+    blind.put("only-on-blind.txt", b"nobody can see me")
+    hosts = [listing.entry, blind.entry]
+    with storage_alias(DistributedStorage, hosts, base_url="/" + base):
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--dry-run")
+        assert status == 1, out
+        assert "%s: no kind of listing" % blind.entry in out or "HEAD" in out, out
+        status, out, _ = run_main(capsys, "sync", "--storage", "replicated")
+        assert status == 0, out
+    # Found with HEAD on the host that cannot list: what it lacked, and that its
+    # copy was the newest.
+    assert blind.read("lost-on-blind.txt") == b"alpha"
+    assert listing.read("dir/both.txt") == blind.read("dir/both.txt") == b"the newer copy"
+    # What only the blind host holds cannot be found (the summary says so).
+    assert listing.read("only-on-blind.txt") is None
+    heads = {uri for method, uri, _, _ in nginx_hosts.requests(0) if method == "HEAD"}
+    assert {"/%slost-on-blind.txt" % base, "/%sdir/both.txt" % base} <= heads
+    assert ["Heal: dir/both.txt differs between hosts; the copy on %s wins" % blind.entry in
+            message for message in resto_records(caplog, logging.WARNING)] == [True, True]
 
 
 def test_heal_distributed_hosts_from_each_other(nginx_listing_session, apache_session,

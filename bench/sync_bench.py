@@ -224,7 +224,7 @@ def rss_section(scratch):
         run = os.path.join(scratch, "rss-%d" % directories)
         master = os.path.join(run, "master")
         make_tree(master, directories, 1000, random.Random(1), sizes=(0, 0))
-        nginx = NginxHosts(os.path.join(run, "nginx"), count=1, listing=True).start(
+        nginx = NginxHosts(os.path.join(run, "nginx"), count=1, listing="json").start(
             find_nginx())
         try:
             shutil.copytree(master, os.path.join(nginx.roots[0], "media"))
