@@ -6318,7 +6318,12 @@ def test_heal_asks_a_host_that_cannot_list_with_head(nginx_listing_session, ngin
     with storage_alias(DistributedStorage, hosts, base_url="/" + base):
         status, out, _ = run_main(capsys, "sync", "--storage", "replicated", "--dry-run")
         assert status == 1, out
-        assert "%s: no kind of listing" % blind.entry in out or "HEAD" in out, out
+        rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:3]}
+        assert rows == {listing.entry: ["2", "2", "1", "0", "1", "0", "1", "0"],
+                        blind.entry: ["HEAD", "2", "1", "1", "0", "0", "1", "0"]}, out
+        assert out.splitlines()[3].startswith(
+            "%s cannot list directories (PROPFIND http://%s/%s answered 405; "
+            % (blind.entry, blind.entry, base)), out
         status, out, _ = run_main(capsys, "sync", "--storage", "replicated")
         assert status == 0, out
     # Found with HEAD on the host that cannot list: what it lacked, and that its
