@@ -97,10 +97,6 @@ import zlib
 from collections import namedtuple
 from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit, urlunsplit
 
-import gevent
-import gevent.event
-import gevent.pool
-import gevent.pywsgi
 import urllib3
 import urllib3.connection
 import urllib3.connectionpool
@@ -112,7 +108,6 @@ from django.core.signals import setting_changed
 from django.dispatch import Signal
 from django.utils.deconstruct import deconstructible
 from django.utils.encoding import filepath_to_uri
-from gevent import monkey
 
 logger = logging.getLogger("django_resto_gevent")
 
@@ -840,10 +835,29 @@ _CONNECTIONS_PER_HOST = 32
 # it would throw connections away on every save.
 _MIN_POOLS = 16
 
+# gevent is imported where a patched process uses it, in the functions below:
+# a process that never patches (sync from cron, runserver, a Celery worker)
+# does not load it. Patching imports gevent.monkey, which is how these tell.
+
+
+def _gevent_patched(module_name):
+    """Tell whether gevent patched the standard library module ``module_name``."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched(module_name)
+
+
+def _original(module_name, name):
+    """Return ``module_name.name`` as the standard library has it, even if patched."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None:
+        return monkey.get_original(module_name, name)
+    return getattr(sys.modules[module_name], name)
+
+
 # The poll() of the standard library, even where gevent patched select: the
 # check of an idle connection must not wait, so a trip through gevent's hub
 # buys nothing and costs more than the rest of the check.
-_real_poll = monkey.get_original("select", "poll") if hasattr(select, "poll") else None
+_real_poll = _original("select", "poll") if hasattr(select, "poll") else None
 
 
 class _ConnectionMixin:
@@ -886,7 +900,7 @@ _pool_lock = threading.Lock()
 
 def _sockets_patched():
     """Tell whether gevent patched the socket module of this process."""
-    return monkey.is_module_patched("socket")
+    return _gevent_patched("socket")
 
 
 def _pool_manager(host_count):
@@ -936,11 +950,10 @@ def _check_ssl_patched_in_time():
     The verdict is kept per process and patching state: after the first
     call this costs a process id and a comparison.
     """
-    key = (os.getpid(), monkey.is_module_patched("ssl"))
+    key = (os.getpid(), _gevent_patched("ssl"))
     known, late = _process.late_ssl
     if known != key:
-        late = key[1] and (urllib3.util.ssl_.SSLContext
-                           is monkey.get_original("ssl", "SSLContext"))
+        late = key[1] and urllib3.util.ssl_.SSLContext is _original("ssl", "SSLContext")
         _process.late_ssl = (key, late)
     if late:
         raise ImproperlyConfigured(_LATE_SSL_PATCH)
@@ -1012,6 +1025,8 @@ class _Deadline:
         if not _sockets_patched():
             yield
             return
+        import gevent
+
         timer = gevent.Timeout(self.remaining())
         timer.start()
         try:
@@ -1277,6 +1292,8 @@ class _AnswerReader:
         self._deadline.earn(len(data))
         self._receives += 1
         if self._patched and not self._receives % _YIELD_EVERY:
+            import gevent
+
             gevent.sleep(0)
         return data
 
@@ -2756,6 +2773,8 @@ class _MultipartUpload:
     def _send_parts(self):
         """Run the part senders; return once none is running."""
         if _sockets_patched():
+            import gevent
+
             senders = [gevent.spawn(self._send_until_done) for _ in range(self.in_flight)]
             try:
                 gevent.joinall(senders)
@@ -3575,6 +3594,8 @@ def _fan_out(func, hosts, name, *args):
     if not others:
         return [_run_on_host(func, last, name, args)]
     if _sockets_patched():
+        import gevent.pool
+
         # The greenlets start as soon as the caller waits for its own host.
         pool = gevent.pool.Pool(len(others))
         greenlets = [pool.spawn(_run_on_host, func, host, name, args) for host in others]
@@ -3595,6 +3616,8 @@ def _run_bounded(func, items, concurrency):
     where sockets are patched, threads elsewhere; returns when all are done.
     """
     if _sockets_patched():
+        import gevent.pool
+
         pool = gevent.pool.Pool(concurrency)
         for item in items:
             pool.spawn(func, item)  # waits for a free slot
@@ -3618,7 +3641,7 @@ def _run_bounded(func, items, concurrency):
 
 def _is_done(handle):
     """Tell whether a greenlet or future has finished."""
-    return handle.ready() if isinstance(handle, gevent.Greenlet) else handle.done()
+    return handle.done() if isinstance(handle, concurrent.futures.Future) else handle.ready()
 
 
 def _backgrounds_here():
@@ -3695,6 +3718,8 @@ class _Background:
         with self.lock:
             previous = self.last.get(key)
             if self.patched:
+                import gevent
+
                 handle = gevent.Greenlet(self._run, previous, task)
                 handle.link(lambda done: self._finished(key, done))
                 handle.start()
@@ -3711,10 +3736,10 @@ class _Background:
         """Wait for the previous operation on the same host and name, then run."""
         if previous is not None:
             # Each operation is bounded in time, so this wait is too.
-            if isinstance(previous, gevent.Greenlet):
-                previous.join()
-            else:
+            if isinstance(previous, concurrent.futures.Future):
                 concurrent.futures.wait([previous])
+            else:
+                previous.join()  # a greenlet
         return task()
 
     def _finished(self, key, handle):
@@ -3736,9 +3761,11 @@ class _Background:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            greenlets = [item for item in batch if isinstance(item, gevent.Greenlet)]
-            futures = [item for item in batch if not isinstance(item, gevent.Greenlet)]
+            futures = [item for item in batch if isinstance(item, concurrent.futures.Future)]
+            greenlets = [item for item in batch if item not in futures]
             if greenlets:
+                import gevent
+
                 gevent.joinall(greenlets, timeout=remaining)
             if futures:
                 concurrent.futures.wait(futures, timeout=remaining)
@@ -4629,20 +4656,27 @@ def _multistatus(resources):
     return "".join(parts).encode("utf-8")
 
 
-class _MediaRequestHandler(gevent.pywsgi.WSGIHandler):
-    """gevent's WSGI handler, handing the connection's socket to the application.
+@functools.cache
+def _media_request_handler():
+    """Return the WSGI handler class of MediaServer (made once: it loads gevent)."""
+    import gevent.pywsgi
 
-    One handler serves one connection: it counts them in the MediaServer.
-    """
+    class MediaRequestHandler(gevent.pywsgi.WSGIHandler):
+        """gevent's WSGI handler, handing the connection's socket to the application.
 
-    def handle(self):
-        self.server.media_server.connections += 1
-        return super().handle()
+        One handler serves one connection: it counts them in the MediaServer.
+        """
 
-    def get_environ(self):
-        environ = super().get_environ()
-        environ["resto.socket"] = self.socket  # for the reset_after knob
-        return environ
+        def handle(self):
+            self.server.media_server.connections += 1
+            return super().handle()
+
+        def get_environ(self):
+            environ = super().get_environ()
+            environ["resto.socket"] = self.socket  # for the reset_after knob
+            return environ
+
+    return MediaRequestHandler
 
 
 def _reset(sock):
@@ -4914,6 +4948,8 @@ class MediaServer:
         failure = []
 
         def serve():
+            import gevent
+
             try:
                 self._bind()
                 self._hub = gevent.get_hub()
@@ -4938,6 +4974,8 @@ class MediaServer:
 
         ``ready``, if given, is called once the port is bound (to say where).
         """
+        import gevent
+
         self._bind()
         handlers = [gevent.signal_handler(signum, self._server.stop)
                     for signum in (signal.SIGINT, signal.SIGTERM)]
@@ -4978,12 +5016,15 @@ class MediaServer:
 
     def _bind(self):
         """Create the WSGI server on the configured address."""
+        import gevent.event
+        import gevent.pywsgi
+
         self._server = gevent.pywsgi.WSGIServer(
             (self.bind_host, self.port), self._application, log=None,
-            handler_class=_MediaRequestHandler,
+            handler_class=_media_request_handler(),
             error_log=logging.getLogger("django_resto_gevent.server"),
         )
-        self._server.media_server = self  # for _MediaRequestHandler
+        self._server.media_server = self  # for its request handler
         self._server.init_socket()
         self.port = self._server.server_port
         self._released = gevent.event.Event()
@@ -5005,6 +5046,8 @@ class MediaServer:
             self._released.wait()
             return []
         if self.latency:
+            import gevent
+
             gevent.sleep(self.latency)
         if self._take("fail_first", method):
             status, payload = 503, b""
@@ -5060,10 +5103,15 @@ class MediaServer:
             if not block:
                 return b"".join(blocks)
             blocks.append(block)
-            gevent.sleep(self.read_pause)  # the knob: a host that reads slowly
+            if self.read_pause:
+                import gevent
+
+                gevent.sleep(self.read_pause)  # the knob: a host that reads slowly
 
     def _trickled(self, payload):
         """Yield ``payload`` one byte at a time, ``trickle`` seconds apart."""
+        import gevent
+
         for index in range(len(payload)):
             gevent.sleep(self.trickle)
             yield payload[index:index + 1]
@@ -5360,6 +5408,8 @@ def _spawn(func, *args):
     """Start ``func(*args)`` at once: a greenlet where sockets are patched, a thread
     elsewhere. Returns what ``_result()`` waits for."""
     if _sockets_patched():
+        import gevent
+
         return gevent.spawn(func, *args)
     return _executor("fan-out").submit(func, *args)
 
@@ -5367,7 +5417,9 @@ def _spawn(func, *args):
 def _result(started):
     """Wait for what ``_spawn()`` started and return its value (never raising: the
     functions given to it catch their own errors)."""
-    return started.get() if isinstance(started, gevent.Greenlet) else started.result()
+    if isinstance(started, concurrent.futures.Future):
+        return started.result()
+    return started.get()  # a greenlet
 
 
 class _Sync:

