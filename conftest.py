@@ -233,7 +233,7 @@ def find_nginx():
     return find_program("nginx")
 
 
-def _free_port():
+def free_port():
     """Return a loopback port that was free a moment ago."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -363,7 +363,7 @@ class MediaHosts:
 
     def _start_once(self, binary):
         """Write the configuration, start the server, wait until every port accepts."""
-        self.ports = [_free_port() for _ in range(self.count)]
+        self.ports = [free_port() for _ in range(self.count)]
         self.roots = [os.path.join(self.directory, "host%d" % i) for i in range(self.count)]
         started = time.monotonic()
         command = self._prepare(binary)
@@ -870,7 +870,7 @@ class SeaweedFS:
         """
         names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc",
                  "s3", "s3_grpc"]
-        self.ports = dict(zip(names, (_free_port() for _ in names), strict=True))
+        self.ports = dict(zip(names, (free_port() for _ in names), strict=True))
         config = self._write_configuration()
         self._launch(self._command(weed, config))
         return self._wait_until_serving(timeout)

@@ -5448,7 +5448,7 @@ class _Sync:
         self.err = err
         self.tallies = {host: _SyncTally() for host in hosts}
         self.lock = threading.Lock()
-        self.files = 0
+        self.file_count = 0  # files of the tree, each counted once (not per host)
         self.started = time.monotonic()
         self.shown = 0.0
         self.interactive = err.isatty()
@@ -5511,7 +5511,7 @@ class _Sync:
             self.share = (share, self.share[1])
             self.interactive = False
             _run_bounded(self._run_job, self._jobs(), self.concurrency)
-            report = {"files": self.files,
+            report = {"file_count": self.file_count,
                       "tallies": [self.tallies[host].report() for host in self.hosts]}
             with open(pipe, "w", encoding="utf-8") as stream:
                 json.dump(report, stream)
@@ -5542,7 +5542,7 @@ class _Sync:
                 for host in self.hosts:
                     self._failed(host, "(share %d of %d)" % (share + 1, self.share[1]), error)
                 continue
-            self.files += report["files"]
+            self.file_count += report["file_count"]
             for host, tally in zip(self.hosts, report["tallies"], strict=True):
                 self.tallies[host].merge(tally)
 
@@ -5683,7 +5683,7 @@ class _Sync:
         down = ["%s (%s)" % (host, _one_line(tally.down))
                 for host, tally in self.tallies.items() if tally.down is not None]
         out.write("%s%d files x %d hosts in %.1f s%s, %s. %s%s\n" % (
-            "Dry run: " if self.dry_run else "", self.files, len(self.hosts),
+            "Dry run: " if self.dry_run else "", self.file_count, len(self.hosts),
             time.monotonic() - self.started,
             " by %d processes" % self.share[1] if self.share[1] > 1 else "",
             _COMPARED_CONTENT if self.checksum else _COMPARED, self._outcome(),
@@ -5778,7 +5778,7 @@ class _MasterSync(_Sync):
                 continue
             files, subdirectories, only = item
             with self.lock:
-                self.files += len(files)
+                self.file_count += len(files)
             for host in self.hosts:
                 tally = self.tallies[host]
                 if tally.down is not None:
@@ -6039,7 +6039,7 @@ class _Heal(_Sync):
         for base in sorted(names):
             name = _join(directory, base)
             with self.lock:
-                self.files += 1
+                self.file_count += 1
             if blind:
                 yield (self._heal_by_head, self.hosts[0], name, names[base], blind)
             else:

@@ -59,6 +59,7 @@ from conftest import (
     DelayProxy,
     FaultProxy,
     RawAnswer,
+    free_port,
     idle_connections,
     make_storage,
     missing,
@@ -3788,9 +3789,7 @@ def gunicorn_site(tmp_path, config, hosts, *options, **env):
         missing("gunicorn is not installed (pip install -e .[test])")
     (tmp_path / "e2e_site.py").write_text(GUNICORN_SITE)
     (tmp_path / "e2e_gunicorn.py").write_text(config)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, str(tmp_path)]),
                E2E_MEDIA_ROOT=str(tmp_path / "media"), E2E_HOSTS=",".join(hosts), **env)
     site = types.SimpleNamespace(port=port, returncode=None, stderr=None)
