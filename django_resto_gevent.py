@@ -3762,7 +3762,8 @@ class _Background:
             if remaining is not None and remaining <= 0:
                 return False
             futures = [item for item in batch if isinstance(item, concurrent.futures.Future)]
-            greenlets = [item for item in batch if item not in futures]
+            greenlets = [item for item in batch
+                         if not isinstance(item, concurrent.futures.Future)]
             if greenlets:
                 import gevent
 
