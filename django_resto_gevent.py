@@ -5251,8 +5251,13 @@ def _join(directory, name):
 
 
 def _share_of(directory, processes):
-    """Return which of ``processes`` compares ``directory``: the same in each of them."""
-    return zlib.crc32(directory.encode("utf-8", "surrogateescape")) % processes
+    """Return which of ``processes`` compares ``directory``: the same in each of them.
+
+    BLAKE2b, not CRC-32: a CRC is linear, so names that differ in one
+    character ("d0" to "d3") can all fall to the same process.
+    """
+    digest = hashlib.blake2b(directory.encode("utf-8", "surrogateescape"), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") % processes
 
 
 # A host that failed this many requests in a row, with no answer at all, is
@@ -5527,6 +5532,10 @@ class _Sync:
         """Wait for each worker in turn and add its tallies to this process's."""
         while workers:
             share, pid, pipe = workers[0]
+            if self.board is not None:
+                # The line keeps moving while the workers finish their shares.
+                while not select.select([pipe], [], [], _PROGRESS_EVERY)[0]:
+                    self._maybe_progress()
             with open(pipe, encoding="utf-8") as stream:
                 text = stream.read()  # until the worker exits
             _, status = os.waitpid(pid, 0)

@@ -6035,11 +6035,16 @@ def test_sync_forks_only_as_its_own_command(media_servers, tmp_path, capsys):
 
 
 def test_sync_progress_counts_every_process(media_servers, tmp_path):
-    # Under a terminal, the process that draws the line adds the others' counts.
-    write_master(tmp_path / "master", {"d%d/%d.txt" % (number % 4, number): b"x"
-                                       for number in range(16)})
+    # Under a terminal, the process that draws the line adds the others'
+    # counts. Every directory with files falls to the second process: what the
+    # first one draws while it waits can only come from the other.
+    names = [name for name in ("d%d" % number for number in range(40))
+             if django_resto_gevent._share_of(name, 2) == 1][:3]
+    assert django_resto_gevent._share_of("", 2) == 0  # the top, empty of files
+    write_master(tmp_path / "master", {"%s/%d.txt" % (directory, number): b"x"
+                                       for directory in names for number in range(6)})
     server, = media_servers(1)
-    server.latency = 0.1  # the run lasts past the first second
+    server.latency = 0.1  # 18 uploads one at a time: the run lasts past the first second
     (tmp_path / "on_a_terminal.py").write_text(
         "import sys\n"
         "import django_resto_gevent\n"
@@ -6061,9 +6066,11 @@ def test_sync_progress_counts_every_process(media_servers, tmp_path):
     assert " by 2 processes, " in result.stdout.splitlines()[-1]
     # (Text mode reads each "\r" as a line end.)
     lines = [line for line in result.stderr.splitlines() if line]
-    assert len(lines) >= 2, result.stderr  # drawn at least once before the final line
     assert all(" directories listed, " in line for line in lines), lines
-    assert "16 uploaded, 0 deleted, 0 failed" in lines[-1]
+    uploaded = [int(re.search(r"(\d+) uploaded", line).group(1)) for line in lines]
+    assert any(0 < count < 18 for count in uploaded[:-1]), lines  # the other's, as they came
+    assert uploaded == sorted(uploaded), lines
+    assert "18 uploaded, 0 deleted, 0 failed" in lines[-1]
 
 
 def test_check_command_on_nginx_hosts(nginx_hosts, tmp_path):
