@@ -5403,11 +5403,11 @@ def _file_md5(path):
 
 def _stop_workers(workers):
     """Stop and reap the sync workers still running (an interrupted run)."""
-    for _, pid, pipe in workers:
+    for _, pid, stream in workers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         os.waitpid(pid, 0)
-        os.close(pipe)
+        stream.close()
 
 
 def _spawn(func, *args):
@@ -5476,7 +5476,8 @@ class _Sync:
 
     def _start_workers(self):
         """Fork a worker for each share but this process's; return ``[(share, pid,
-        pipe)]``. A worker runs its share and exits: it never returns from here."""
+        stream)]``, ``stream`` the worker's pipe, read as text. A worker runs its share
+        and exits: it never returns from here."""
         processes = self.share[1]
         if self.interactive:
             self.board = _ProgressBoard(processes)
@@ -5497,11 +5498,12 @@ class _Sync:
                     raise
                 if pid == 0:
                     os.close(reading)
-                    for _, _, pipe in workers:
-                        os.close(pipe)
+                    for _, _, stream in workers:
+                        stream.close()
                     self._work(share, writing)
                 os.close(writing)
-                workers.append((share, pid, reading))
+                # One owner of the descriptor, closed once however the run ends.
+                workers.append((share, pid, open(reading, encoding="utf-8")))  # noqa: SIM115
         except OSError as error:  # out of processes or memory: work alone
             _stop_workers(workers)
             self.share, self.board = (0, 1), None
@@ -5531,15 +5533,15 @@ class _Sync:
     def _gather(self, workers):
         """Wait for each worker in turn and add its tallies to this process's."""
         while workers:
-            share, pid, pipe = workers[0]
+            share, pid, stream = workers[0]
             if self.board is not None:
                 # The line keeps moving while the workers finish their shares.
-                while not select.select([pipe], [], [], _PROGRESS_EVERY)[0]:
+                while not select.select([stream], [], [], _PROGRESS_EVERY)[0]:
                     self._maybe_progress()
-            with open(pipe, encoding="utf-8") as stream:
-                text = stream.read()  # until the worker exits
+            text = stream.read()  # until the worker exits
             _, status = os.waitpid(pid, 0)
             workers.pop(0)
+            stream.close()
             try:
                 report = json.loads(text)
             except ValueError:
