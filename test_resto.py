@@ -1776,7 +1776,22 @@ def multistatus_document(directory, entries, rng):
     return text.encode(encoding)
 
 
-def test_webdav_listing_matches_webdav4_on_generated_documents():
+# An XML listing is kept and parsed whole up to _XML_LISTING_KEPT bytes, and
+# streamed past it: the tests of XML listings run in both ways, and with a
+# switch from one to the other in the middle of a document.
+XML_LISTING_WAYS = {"kept": None, "streamed": 0, "switched": 333}
+
+
+@pytest.fixture(params=list(XML_LISTING_WAYS))
+def xml_listing_way(request, monkeypatch):
+    """Parse XML listings kept whole, streamed, or switched part-way."""
+    if XML_LISTING_WAYS[request.param] is not None:
+        monkeypatch.setattr(django_resto_gevent, "_XML_LISTING_KEPT",
+                            XML_LISTING_WAYS[request.param])
+    return request.param
+
+
+def test_webdav_listing_matches_webdav4_on_generated_documents(xml_listing_way):
     # webdav4 (a maintained WebDAV client, the fsspec filesystem of DVC) reads
     # a Multi-Status on its own: hrefs through httpx's URL, dates through
     # email.utils then dateutil, properties wherever they sit.
@@ -1831,7 +1846,7 @@ def s3_listing_document(prefix, entries, rng, token):
     return "".join(parts).encode("utf-8")
 
 
-def test_s3_listing_matches_botocore_on_generated_documents():
+def test_s3_listing_matches_botocore_on_generated_documents(xml_listing_way):
     parsers = pytest.importorskip("botocore.parsers")
     from botocore.loaders import Loader
     from botocore.model import ServiceModel
@@ -1858,6 +1873,32 @@ def test_s3_listing_matches_botocore_on_generated_documents():
                 item["LastModified"].timestamp(), None if "-" in etag else etag))
         assert sorted(ours) == sorted(expected)
         assert page == (parsed.get("NextContinuationToken") if parsed["IsTruncated"] else None)
+
+
+def test_xml_listings_read_records_at_any_depth_and_refuse_a_record_as_root(
+        xml_listing_way):
+    # webdav4 finds responses anywhere below the root (".//"): so do we,
+    # whether the listing is kept or streamed.
+    rng = random.Random(3)
+    entry = ("<D:response><D:href>/media/%s</D:href><D:propstat><D:prop><D:resourcetype/>"
+             "<D:getcontentlength>%d</D:getcontentlength></D:prop><D:status>HTTP/1.1 200 OK"
+             "</D:status></D:propstat></D:response>")
+    document = ('<?xml version="1.0"?><D:multistatus xmlns:D="DAV:">%s<x:wrap xmlns:x="urn:x">'
+                "%s</x:wrap>%s</D:multistatus>" % (entry % ("a", 1), entry % ("b", 2),
+                                                   entry % ("c", 3)) + " " * 400).encode()
+    entries, page = feed_in_pieces(django_resto_gevent._WebDAVListingParser("/media/"),
+                                   document, rng)
+    assert sorted((entry.name, entry.size) for entry in entries) == [
+        ("a", 1), ("b", 2), ("c", 3)]
+    assert page is None
+    for parser, root in ((django_resto_gevent._WebDAVListingParser("/media/"),
+                          (entry % ("a", 1)).replace("<D:response>",
+                                                     '<D:response xmlns:D="DAV:">', 1)),
+                         (django_resto_gevent._S3ListingParser(""),
+                          "<Contents><Key>a</Key><IsTruncated>true</IsTruncated></Contents>")):
+        parser.write(('<?xml version="1.0"?>' + root + " " * 400).encode())
+        with pytest.raises(django_resto_gevent._ListingError, match="its root is a"):
+            parser.close()
 
 
 def test_json_listing_matches_the_json_module_on_generated_documents():
@@ -5591,6 +5632,67 @@ def test_serve_command_serves_a_directory_until_sigterm(tmp_path):
         assert process.wait(timeout=30) == 0
         process.stdout.close()
         process.stderr.close()
+
+
+def test_the_command_starts_with_the_collector_paused_and_exits_as_usual(media_servers,
+                                                                           tmp_path):
+    # "python -m django_resto_gevent" pauses the collector until django.setup()
+    # is done, and skips the interpreter's teardown once main() returned: what
+    # a usual exit does before the teardown still happens, in its order.
+    server, = media_servers(1)
+    write_master(tmp_path / "master")
+    for name, data in MASTER_FILES.items():
+        server.files["/media/" + name] = data
+    seen = tmp_path / "seen.txt"
+    (tmp_path / "resto_cli_settings.py").write_text(
+        SETTINGS_MODULE_TEMPLATE.format(root=str(tmp_path / "master"), hosts=[server.address])
+        + textwrap.dedent("""
+            import atexit, gc, logging, threading
+            SEEN = %r
+
+            def note(line):
+                with open(SEEN, "a") as seen:
+                    seen.write(line + "\\n")
+
+            note("settings read with the collector %%s" %% gc.isenabled())
+
+            def outlive_the_command():
+                threading.main_thread().join()  # returns as the exit begins
+                note("the thread ended")
+
+            threading.Thread(target=outlive_the_command).start()  # joined at exit
+
+            def at_exit():
+                note("atexit ran with the collector %%s, start-up frozen %%s"
+                     %% (gc.isenabled(), gc.get_freeze_count() > 0))
+                logging.getLogger("resto.test").info("logged, kept until logging's exit")
+
+            # Registered after logging's own exit function: run before it.
+            atexit.register(at_exit)
+            LOGGING = {"version": 1, "handlers": {"memory": {
+                "class": "logging.handlers.MemoryHandler", "capacity": 1000,
+                "target": "file"}, "file": {"class": "logging.FileHandler",
+                "filename": SEEN}}, "root": {"handlers": ["memory"], "level": "INFO"}}
+            """) % str(seen))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), HERE]))
+    result = subprocess.run(
+        [sys.executable, "-m", "django_resto_gevent", "sync", "--dry-run", "--settings",
+         "resto_cli_settings"], cwd=str(tmp_path), env=environment, capture_output=True,
+        text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Written to a pipe, block-buffered: flushed before the process left.
+    assert "Every host matches the master copy" in result.stdout.splitlines()[-1]
+    assert seen.read_text().splitlines() == [
+        "settings read with the collector False",
+        "the thread ended",
+        "atexit ran with the collector True, start-up frozen True",
+        "logged, kept until logging's exit",
+    ]
+    failing = subprocess.run(
+        [sys.executable, "-m", "django_resto_gevent", "sync", "--dry-run", "--settings",
+         "resto_cli_settings", "--hosts", "nowhere:1"], cwd=str(tmp_path), env=environment,
+        capture_output=True, text=True, timeout=120)
+    assert failing.returncode == 2, failing.stdout + failing.stderr
 
 
 ###############################################################################
