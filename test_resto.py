@@ -5716,6 +5716,22 @@ def write_master(root, files=MASTER_FILES):
             output.write(data)
 
 
+def test_the_master_walk_reads_one_directory(tmp_path):
+    write_master(tmp_path, dict(MASTER_FILES, **{"dir/.hidden": b"h", "dir/z/e.txt": b""}))
+    os.symlink(str(tmp_path / "dir" / "sub"), str(tmp_path / "dir" / "linked"))
+    os.symlink(str(tmp_path / "a.txt"), str(tmp_path / "dir" / "link.txt"))
+    files, subdirectories = django_resto_gevent._master_directory(str(tmp_path), "dir")
+    assert subdirectories == ["sub", "z"]  # a link to a directory is not followed
+    assert [(entry.name, entry.size) for entry in files] == [
+        (".hidden", 1), ("b.txt", 500), ("link.txt", 5)]  # a link to a file is
+    assert files[1].mtime == os.stat(str(tmp_path / "dir" / "b.txt")).st_mtime
+    assert django_resto_gevent._master_directory(str(tmp_path), "dir", files_too=False) == (
+        [], ["sub", "z"])
+    for not_a_directory in ("nowhere", "a.txt"):
+        with pytest.raises(OSError, match=re.escape(str(tmp_path / not_a_directory))):
+            django_resto_gevent._master_directory(str(tmp_path), not_a_directory)
+
+
 @contextlib.contextmanager
 def storage_alias(storage_class, hosts, location=None, **options):
     """Configure the STORAGES alias "replicated" for the command line."""

@@ -107,14 +107,20 @@ def installed_python():
     venv = os.path.join(RESULTS, "venv-sync-py%d.%d-dj%s" % (
         sys.version_info[0], sys.version_info[1], django.__version__))
     python = os.path.join(venv, "bin", "python")
-    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+
+    def pip_install(*what):
+        result = subprocess.run([python, "-m", "pip", "install", "-q",
+                                 "--disable-pip-version-check", *what],
+                                capture_output=True, text=True, timeout=600, check=False)
+        if result.returncode:
+            raise RuntimeError("pip install %s failed:\n%s" % (" ".join(what), result.stderr))
+
     if not os.path.exists(python):
         os.makedirs(RESULTS, exist_ok=True)
         subprocess.run([sys._base_executable, "-m", "venv", venv], check=True, timeout=300)
-        subprocess.run(pip + ["django==%s" % django.__version__,
-                              "urllib3==%s" % urllib3.__version__,
-                              "gevent==%s" % gevent.__version__], check=True, timeout=600)
-    subprocess.run(pip + ["--no-deps", "--force-reinstall", ROOT], check=True, timeout=600)
+        pip_install("django==%s" % django.__version__, "urllib3==%s" % urllib3.__version__,
+                    "gevent==%s" % gevent.__version__)
+    pip_install("--no-deps", "--force-reinstall", ROOT)
     return python
 
 
