@@ -1852,6 +1852,7 @@ class _XMLListingParser(_ListingParser):
             else:
                 parser = xml.etree.ElementTree.XMLParser()
                 parser.feed(self._kept)
+                self._kept = None
                 root = self._root = parser.close()
         except xml.etree.ElementTree.ParseError as error:
             raise _ListingError("not a well-formed XML listing (%s)" % error) from None

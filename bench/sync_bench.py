@@ -20,15 +20,17 @@ put in the same state before each run, and its files are checked after each
 fill and repair.
 
 Section "rss": sync --dry-run over a master copy of 200,000 files (200
-directories of 1,000) and an nginx host with the JSON autoindex holding the
-same tree: peak RSS (``VmHWM``) of the sync process over its RSS just before
-sync started, next to the same on 20,000 files; memory holds a few
-directories, not the tree.
+directories of 1,000) and one host holding the same tree: an nginx host with
+the JSON autoindex (each listing streamed), then an Apache WebDAV host (each
+PROPFIND answer, about 350 KiB, kept and parsed whole); peak RSS
+(``VmHWM``) of the sync process over its RSS just before sync started, next
+to the same on 20,000 files with nginx; memory holds a few directories, not
+the tree.
 
 Run from the repository root, by hand::
 
-    /tmp/venv/bin/python bench/sync_bench.py                 # both sections
-    /tmp/venv/bin/python bench/sync_bench.py --sections rclone --reps 3
+    .venv-py311-dj52/bin/python bench/sync_bench.py                 # both sections
+    .venv-py311-dj52/bin/python bench/sync_bench.py --sections rclone --reps 3
 """
 
 import os
@@ -69,6 +71,8 @@ django.setup()
 import django_resto_gevent
 from django.core.files.storage import storages
 storages["default"].transport  # built before the baseline, as any run does
+if os.environ.get("STREAM_XML"):  # every XML listing streamed, as a long one is
+    django_resto_gevent._XML_LISTING_KEPT = 0
 
 def status(field):
     with open("/proc/self/status") as lines:
@@ -250,20 +254,36 @@ def rclone_section(reps, scratch):
 
 
 def rss_section(scratch):
-    """Peak RSS growth of sync --dry-run over 20,000 and 200,000 files."""
+    """Peak RSS growth of sync --dry-run over 20,000 and 200,000 files: listed by an nginx
+    JSON autoindex (streamed, one object at a time) and, for 200,000, by Apache's
+    PROPFIND (each listing of 1,000 entries, about 350 KiB, kept and parsed whole; then
+    streamed, as a listing over _XML_LISTING_KEPT is)."""
     rows = []
-    for directories in (20, 200):
-        run = os.path.join(scratch, "rss-%d" % directories)
+    for directories, kind in ((20, "nginx"), (200, "nginx"), (200, "apache"),
+                              (200, "apache-streamed")):
+        run = os.path.join(scratch, "rss-%d-%s" % (directories, kind))
         master = os.path.join(run, "master")
         make_tree(master, directories, 1000, random.Random(1), sizes=(0, 0))
-        nginx = NginxHosts(os.path.join(run, "nginx"), count=1, listing="json").start(
-            find_nginx())
+        if kind == "nginx":
+            hosts = NginxHosts(os.path.join(run, "nginx"), count=1, listing="json").start(
+                find_nginx())
+        else:
+            os.chmod(run, 0o755)  # Apache's workers go through it
+            hosts = ApacheHosts(os.path.join(run, "apache"), count=1).start(
+                find_program("apache2"))
         try:
-            shutil.copytree(master, os.path.join(nginx.roots[0], "media"))
-            write_settings(run, master, nginx.hosts)
+            media = os.path.join(hosts.roots[0], "media")
+            shutil.copytree(master, media)
+            account = hosts._account() if kind != "nginx" else None
+            if account is not None:
+                for path, below, files in os.walk(media):
+                    for item in [path] + [os.path.join(path, name) for name in below + files]:
+                        os.chown(item, account.pw_uid, account.pw_gid)
+            write_settings(run, master, hosts.hosts)
             with open(os.path.join(run, "driver.py"), "w") as output:
                 output.write(RSS_DRIVER)
-            environment = dict(os.environ, PYTHONPATH=os.pathsep.join([run, ROOT]))
+            environment = dict(os.environ, PYTHONPATH=os.pathsep.join([run, ROOT]),
+                               STREAM_XML="1" if kind == "apache-streamed" else "")
             started = time.perf_counter()
             result = subprocess.run([sys.executable, "driver.py"], cwd=run, env=environment,
                                     capture_output=True, text=True, timeout=900, check=False)
@@ -274,11 +294,15 @@ def rss_section(scratch):
             before, peak, code = (int(value) for value in fields[-1].split()[1:])
             if code != 0:
                 raise RuntimeError("sync --dry-run found differences:\n" + result.stdout[-2000:])
-            rows.append("| %d files in %d directories | %.1f MiB | %.1f MiB | +%.1f MiB | "
-                        "%.1f s |" % (directories * 1000, directories, before / 1024,
-                                      peak / 1024, (peak - before) / 1024, seconds))
+            rows.append("| %d files in %d directories | %s | %.1f MiB | %.1f MiB | +%.1f MiB "
+                        "| %.1f s |" % (directories * 1000, directories,
+                                        {"nginx": "nginx JSON autoindex",
+                                         "apache": "Apache PROPFIND, kept",
+                                         "apache-streamed": "Apache PROPFIND, streamed"}[kind],
+                                        before / 1024, peak / 1024, (peak - before) / 1024,
+                                        seconds))
         finally:
-            nginx.stop()
+            hosts.stop()
             shutil.rmtree(run, ignore_errors=True)
     return rows
 
@@ -318,9 +342,9 @@ def main():
         print("|---|---|---|---|---|")
         print("\n".join(rows))
     if rss_rows:
-        print("\n| sync --dry-run, nginx JSON autoindex host | RSS before | peak RSS | growth "
+        print("\n| sync --dry-run, one process | host listing | RSS before | peak RSS | growth "
               "| wall time |")
-        print("|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|")
         print("\n".join(rss_rows))
 
 
