@@ -1811,6 +1811,9 @@ class _XMLListingParser(_ListingParser):
     shell per record, not the tree. Only "end" events are asked for: half
     the events of "start" and "end". Records come in document order when
     kept, in the order they end when streamed; listings are sorted after.
+
+    A document type declaration is refused, as in S3's answers: no listing
+    has one, and its entities would let a small listing grow a hundredfold.
     """
 
     records = ()
@@ -1820,8 +1823,12 @@ class _XMLListingParser(_ListingParser):
         self._kept = bytearray()  # the body so far, while it is short
         self._stream = None  # the pull parser, once it is not
         self._root = None
+        self._tail = b""  # the end of the last piece: a declaration may straddle two
 
     def _feed(self, data):
+        if b"<!DOCTYPE" in self._tail + data[:16] or b"<!DOCTYPE" in data:
+            raise _ListingError("a document type declaration, which no listing has")
+        self._tail = (self._tail + data[-8:])[-8:]
         if self._stream is None:
             self._kept += data
             if len(self._kept) <= _XML_LISTING_KEPT:

@@ -1901,6 +1901,28 @@ def test_xml_listings_read_records_at_any_depth_and_refuse_a_record_as_root(
             parser.close()
 
 
+@pytest.mark.parametrize("prolog", [0, 600])
+def test_an_xml_listing_with_a_document_type_is_refused(xml_listing_way, prolog):
+    # Entities would let a small listing grow a hundredfold in memory. The
+    # declaration is refused wherever the pieces cut it, kept or streamed.
+    entities = "".join('<!ENTITY e%d "%s">' % (level, "&e%d;" % (level - 1) * 10 if level
+                                                 else "x" * 100) for level in range(4))
+    rng = random.Random(prolog)
+    document = ('<?xml version="1.0"?><!--%s--><!DOCTYPE m [%s]><m>&e3;</m>'
+                % ("." * prolog, entities)).encode()
+    for parser, sizes in ((django_resto_gevent._WebDAVListingParser("/media/"), [1]),
+                          (django_resto_gevent._WebDAVListingParser("/media/"),
+                           [1, 2, 7, 64, 1000]),
+                          (django_resto_gevent._S3ListingParser(""), [1, 2, 7, 64, 1000])):
+        position = 0
+        while position < len(document) and parser.write(
+                document[position:position + rng.choice(sizes)]):
+            position = parser.written
+        assert position < len(document)  # refused before the end came
+        with pytest.raises(django_resto_gevent._ListingError, match="document type"):
+            parser.close()
+
+
 def test_json_listing_matches_the_json_module_on_generated_documents():
     # nginx's autoindex array is read one object at a time as the bytes come;
     # json.loads() of the whole document is the reference.
