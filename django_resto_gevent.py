@@ -1794,6 +1794,11 @@ class _ListingParser:
         raise NotImplementedError
 
 
+def _xml_name(element):
+    """Return the tag of ``element`` without its namespace."""
+    return element.tag.rpartition("}")[2]
+
+
 # An XML listing of up to this many bytes is kept and parsed whole once it
 # has all arrived: expat and the C tree builder alone, with no event per
 # element for Python to read (a quarter less time on Apache's listings,
@@ -1844,7 +1849,7 @@ class _XMLListingParser(_ListingParser):
     def _drain(self):
         records = self.records
         for _event, element in self._stream.read_events():
-            local = element.tag.rpartition("}")[2]
+            local = element.tag.rpartition("}")[2]  # _xml_name(), inline: per element
             if local in records:
                 self._record(local, element)
                 element.clear()
@@ -1865,19 +1870,18 @@ class _XMLListingParser(_ListingParser):
             raise _ListingError("not a well-formed XML listing (%s)" % error) from None
         if root is None:
             raise _ListingError("an empty listing")
-        local = root.tag.rpartition("}")[2]
+        local = _xml_name(root)
         if local in self.records:
             raise _ListingError("not a listing: its root is a <%s>" % local)
         if self._stream is None:
             for element in self._records_in(root):
-                self._record(element.tag.rpartition("}")[2], element)
+                self._record(_xml_name(element), element)
         self._top(root)
 
     def _records_in(self, root):
         """Return the records below ``root``, a whole tree, in document order."""
         records = self.records
-        return [element for element in root.iter()
-                if element.tag.rpartition("}")[2] in records]
+        return [element for element in root.iter() if _xml_name(element) in records]
 
     def _record(self, local, element):
         raise NotImplementedError
@@ -1888,7 +1892,7 @@ class _XMLListingParser(_ListingParser):
 
 def _local_children(element):
     """Return {local name: element} of the direct children of ``element``."""
-    return {child.tag.rpartition("}")[2]: child for child in element}
+    return {_xml_name(child): child for child in element}
 
 
 class _WebDAVListingParser(_XMLListingParser):
@@ -2593,11 +2597,6 @@ def _s3_document(data):
         return xml.etree.ElementTree.fromstring(data)
     except xml.etree.ElementTree.ParseError as error:
         raise ValueError("a body that is not XML (%s): %r" % (error, data[:100])) from None
-
-
-def _xml_name(element):
-    """Return the tag of ``element`` without its namespace."""
-    return element.tag.rpartition("}")[2]
 
 
 def _xml_child_text(element, name):
