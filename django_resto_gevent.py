@@ -49,8 +49,10 @@ if __name__ == "__main__":
     #   threads joined, then what is registered with atexit: logging's
     #   flush, the background queues') up to the interpreter's teardown,
     #   which frees every loaded module one by one (10 ms) and is skipped:
-    #   registered first, leave() runs last. An exception, or an exit from
-    #   within main(), tears down as usual.
+    #   registered first, leave() runs last. Only where nothing registered
+    #   an exit function before it (a coverage or profiling hook started by
+    #   site), which would run after it, and so never. An exception, or an
+    #   exit from within main(), tears down as usual.
     import atexit
     import gc
     import os
@@ -68,7 +70,9 @@ if __name__ == "__main__":
             return  # the usual teardown reports it
         os._exit(returned[0])
 
-    atexit.register(leave)
+    # (CPython's count of exit functions: no public way to ask.)
+    if getattr(atexit, "_ncallbacks", lambda: 1)() == 0:
+        atexit.register(leave)
     gc.disable()
     import django_resto_gevent
 

@@ -5697,11 +5697,13 @@ def test_the_command_starts_with_the_collector_paused_and_exits_as_usual(media_s
                 "filename": SEEN}}, "root": {"handlers": ["memory"], "level": "INFO"}}
             """) % str(seen))
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), HERE]))
+    # -v: the interpreter says "# cleanup[...]" for each module it tears down.
     result = subprocess.run(
-        [sys.executable, "-m", "django_resto_gevent", "sync", "--dry-run", "--settings",
+        [sys.executable, "-v", "-m", "django_resto_gevent", "sync", "--dry-run", "--settings",
          "resto_cli_settings"], cwd=str(tmp_path), env=environment, capture_output=True,
         text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "# cleanup[" not in result.stderr
     # Written to a pipe, block-buffered: flushed before the process left.
     assert "Every host matches the master copy" in result.stdout.splitlines()[-1]
     assert seen.read_text().splitlines() == [
@@ -5715,6 +5717,19 @@ def test_the_command_starts_with_the_collector_paused_and_exits_as_usual(media_s
          "resto_cli_settings", "--hosts", "nowhere:1"], cwd=str(tmp_path), env=environment,
         capture_output=True, text=True, timeout=120)
     assert failing.returncode == 2, failing.stdout + failing.stderr
+    # An exit function registered before the command started (as a coverage
+    # hook started by site is) would run after leave(): the exit tears down.
+    seen.unlink()
+    wrapped = subprocess.run(
+        [sys.executable, "-v", "-c", "import atexit, runpy, sys\n"
+         "atexit.register(lambda: open(%r, 'a').write('registered before, ran\\n'))\n"
+         "sys.argv[0] = 'django_resto_gevent'\n"
+         "runpy.run_module('django_resto_gevent', run_name='__main__', alter_sys=True)"
+         % str(seen), "sync", "--dry-run", "--settings", "resto_cli_settings"],
+        cwd=str(tmp_path), env=environment, capture_output=True, text=True, timeout=120)
+    assert wrapped.returncode == 0, wrapped.stdout + wrapped.stderr[-3000:]
+    assert seen.read_text().splitlines()[-1] == "registered before, ran"
+    assert "# cleanup[" in wrapped.stderr
 
 
 ###############################################################################
