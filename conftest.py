@@ -1166,17 +1166,22 @@ class FaultProxy(_Proxy):
       the connection that carries the next ones (both sides, without
       forwarding them); ``cuts`` bounds how many are reset (then bytes
       pass again).
+    - ``cut_each_after``: reset every connection once its client has sent
+      this many bytes on it, however many connections that takes (a host
+      that takes no large body, on any connection, old or new).
 
     ``flipped`` and ``cut`` count what was done. Runs on greenlets of this
     (patched) process.
     """
 
-    def __init__(self, target, flip_at=None, flips=None, cut_after=None, cuts=1):
+    def __init__(self, target, flip_at=None, flips=None, cut_after=None, cuts=1,
+                 cut_each_after=None):
         super().__init__(target)
         self.flip_at = flip_at
         self.flips = flips
         self.cut_after = cut_after
         self.cuts = cuts
+        self.cut_each_after = cut_each_after
         self.flipped = 0
         self.cut = 0
         self.client_bytes = 0
@@ -1189,7 +1194,8 @@ class FaultProxy(_Proxy):
                 chunk = client.recv(65536)
                 if not chunk:
                     return
-                if self._cutting(len(chunk)):
+                if self._cutting(len(chunk)) or (self.cut_each_after is not None and
+                                                 offset + len(chunk) > self.cut_each_after):
                     self.cut += 1
                     for sock in (client, upstream):
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,

@@ -3600,7 +3600,12 @@ print(json.dumps(report))
 
 def test_unpatched_process_sends_parts_on_threads(seaweed, tmp_path):
     gateway = seaweed.s3_url.partition("//")[2]
-    proxy = FaultProxy(gateway, cut_after=7 * MIB).start()
+    # Every connection that carries more than 3 MiB is reset: a part (5 MiB)
+    # never lands, on a kept-alive connection or a new one. (A single cut
+    # could land on the connection kept from the initiate request, whose
+    # failure without an answer is taken for a host closing it: the part
+    # went again on a new connection and the save passed, now and then.)
+    proxy = FaultProxy(gateway, cut_each_after=3 * MIB).start()
     slow = DelayProxy(gateway, 0.01).start()
     try:
         cut = "s3+http://%s/media" % proxy.address
@@ -3612,7 +3617,7 @@ def test_unpatched_process_sends_parts_on_threads(seaweed, tmp_path):
         slow.stop()
     assert report == {"landed": True, "senders": ["resto-part"], "cut": [cut],
                       "interrupted": True}
-    assert proxy.cut == 1
+    assert proxy.cut >= 1  # each part in flight, and any part sent again
     assert uploads_of(seaweed, "threads/") == []  # the cut and the interrupted: aborted
     assert s3_content(seaweed, "threads/interrupted.bin") is None
 
